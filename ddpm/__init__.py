@@ -1,0 +1,1 @@
+"""ddpm-jax: denoising diffusion probabilistic models as small, pure, tested JAX functions."""

@@ -1,0 +1,77 @@
+"""Entry point: python launch.py --config=configs/digits.py --workdir=runs/digits [--mode=train].
+
+All logic lives in the `ddpm` library; this file parses flags, starts `jax.distributed` when the
+run spans several processes, validates the config and dispatches on --mode.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "eval", "sweep", "benchmark")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py); override fields with "
+    "--config.<group>.<key>=value.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
+flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_string("variant", None, "--mode=sweep: run only this named variant of the config.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process: host:port of process 0 (unset on TPU pods and under SLURM, "
+                    "where jax.distributed finds it by itself).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: total number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: index of this process.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _parse_flags(argv):
+  """absl flag parsing that turns a config-override typo into one clear line."""
+  try:
+    return FLAGS(argv)
+  except AttributeError as e:  # ml_collections: override of a key the config does not have
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    sys.exit(f"launch.py: unknown config key in {', '.join(bad) or 'overrides'}: {msg}")
+  except flags.Error as e:
+    sys.exit(f"launch.py: {e}\nPass --helpfull to see the flags.")
+
+
+def main(argv):
+  del argv
+  import jax  # after flag parsing, so --helpfull stays fast
+  from ddpm import config_validation, distributed
+
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               FLAGS.distributed)
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  config = _CONFIG.value
+  try:
+    config_validation.validate_config(config, num_devices=jax.device_count())
+  except config_validation.ConfigError as e:
+    sys.exit(f"launch.py: invalid config: {e}")
+
+  if FLAGS.mode == "train":
+    from ddpm import train
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    from ddpm import evaluation
+    evaluation.run_sampling(config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from ddpm import evaluation
+    evaluation.run_eval(config, FLAGS.workdir)
+  elif FLAGS.mode == "sweep":
+    from ddpm import sweep
+    sweep.run_sweep(config, FLAGS.workdir, config_file=config_flags.get_config_filename(
+        FLAGS["config"]), only=FLAGS.variant)
+  elif FLAGS.mode == "benchmark":
+    from ddpm import benchmark
+    benchmark.run_benchmark(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

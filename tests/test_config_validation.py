@@ -1,0 +1,81 @@
+import glob
+import importlib
+import os
+
+import pytest
+
+from configs import default
+from ddpm import config_validation as cv
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                      if not os.path.basename(p).startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_in_configs_validates(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  cv.validate_config(config)
+
+
+def test_public_contract_keys_exist():
+  c = default.get_config()
+  for key in ("data.dataset", "data.image_size", "data.path", "diffusion.num_timesteps",
+              "diffusion.beta_schedule", "diffusion.model_mean_type", "diffusion.model_var_type",
+              "diffusion.loss_type", "training.batch_size", "training.num_train_steps",
+              "training.log_every", "training.checkpoint_every", "sampling.method",
+              "sampling.num_steps", "sampling.num_samples", "eval.num_samples", "seed"):
+    node = c
+    for part in key.split("."):
+      node = node[part]
+
+
+def _bad(mutate, match):
+  c = default.get_config()
+  mutate(c)
+  with pytest.raises(cv.ConfigError, match=match):
+    cv.validate_config(c, num_devices=8)
+
+
+def test_unknown_key_is_named_with_suggestion():
+  def mutate(c):
+    c.training.batchsize = 8
+  _bad(mutate, r"config\.training\.batchsize: unknown key \(did you mean 'batch_size'\?\)")
+
+
+def test_bad_choice_lists_valid_ones():
+  def mutate(c):
+    c.diffusion.beta_schedule = "cosin"
+  _bad(mutate, r"config\.diffusion\.beta_schedule: 'cosin' is not one of .*'cosine'")
+
+
+def test_batch_not_divisible_by_devices():
+  def mutate(c):
+    c.training.batch_size = 12
+  _bad(mutate, r"config\.training\.batch_size: 12 is not divisible by the 8 devices")
+
+
+def test_image_size_not_divisible_by_downsampling():
+  def mutate(c):
+    c.data.image_size = 20
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.attn_resolutions = ()
+  _bad(mutate, r"config\.data\.image_size: 20 is not divisible by 8")
+
+
+def test_attention_resolution_must_exist():
+  def mutate(c):
+    c.model.attn_resolutions = (3,)
+  _bad(mutate, r"config\.model\.attn_resolutions: 3 is not one of the U-Net's resolutions")
+
+
+def test_hybrid_loss_needs_learned_variance():
+  def mutate(c):
+    c.diffusion.loss_type = "hybrid"
+  _bad(mutate, r"config\.diffusion\.loss_type: 'hybrid'")
+
+
+def test_sampling_steps_bounded_by_T():
+  def mutate(c):
+    c.sampling.num_steps = 5000
+  _bad(mutate, r"config\.sampling\.num_steps")
