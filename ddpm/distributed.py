@@ -37,3 +37,14 @@ def _has_accelerator_plugin() -> bool:
   import importlib.util
   return any(importlib.util.find_spec(name) is not None
              for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin"))
+
+
+def make_data_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis 'data' over `devices` (default: every device of every process).
+
+  Auto axis types give the classic shard_map behaviour (jax.make_mesh defaults to Explicit).
+  """
+  import numpy as np
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.asarray(devices), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
