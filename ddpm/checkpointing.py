@@ -1,0 +1,409 @@
+"""Checkpoints (Orbax) that survive corruption and preemption.
+
+One checkpoint per step, in `directory/<step>/`, with two Orbax items:
+  'state': a pytree of arrays (step, params, ema_params, opt_state, rng, sampler state, ...),
+           written with `StandardSave` and restored into the structure, dtypes and shardings of a
+           target (typed PRNG key arrays and raw `jax.random.key_data` both round-trip bitwise);
+  'data':  the input iterator's JSON state (absent when there is none).
+
+Usage (every process calls every function; Orbax coordinates multi-host writes):
+  mngr = create_manager(workdir + "/checkpoints", max_to_keep=3, async_save=True)
+  restored = restore_latest(mngr, abstract_or_concrete_state)  # (state, data_state, step) or None
+  save(mngr, step, state, data_state=iterator_state)
+  wait(mngr)                                                     # before exiting
+
+Robustness:
+  * `save` refuses non-finite states (nothing is written), so a diverged run never overwrites
+    its last good checkpoint with NaNs.
+  * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
+    or truncated file, interrupted save) is logged, moved aside to `<step>.corrupt-<time>` so
+    training can write that step again, and the previous one is used. If every checkpoint fails,
+    it raises `CheckpointRestoreError` naming the directory and each step's error. Interrupted
+    saves leave `<step>.orbax-checkpoint-tmp-*` directories that Orbax never lists as steps;
+    `create_manager` deletes them.
+  * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
+    processes every process stops at the same step (JAX's preemption sync point).
+"""
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+# Step directories are plain integers ('1000'), Orbax's standard naming.
+_NAME_FORMAT = ocp.path.step.standard_name_format()
+_CORRUPT_MARK = ".corrupt-"
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Checkpoints exist but none of them could be restored."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """The state to be saved holds NaN or Inf values; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Manager.
+
+
+def _as_path(directory) -> epath.Path:
+  path = epath.Path(directory)
+  # Orbax wants absolute paths; a relative local one is taken relative to the working directory.
+  if "://" not in str(directory) and not path.is_absolute():
+    path = epath.Path(os.path.abspath(os.fspath(directory)))
+  return path
+
+
+def create_manager(directory, max_to_keep: Optional[int] = 3,
+                   async_save: bool = True) -> ocp.CheckpointManager:
+  """An Orbax `CheckpointManager` for the items 'state' and 'data' in `directory`.
+
+  Args:
+    directory: checkpoint root (local path or a URL Orbax understands, e.g. gs://...); created
+      if missing. The training loop passes workdir/checkpoints.
+    max_to_keep: number of newest checkpoints kept (older ones are deleted after each save);
+      None keeps all.
+    async_save: write in a background thread; `save` returns once the arrays are copied to host.
+  Returns:
+    The manager, to pass to `save`, `restore_latest` and `wait`.
+  """
+  if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(
+      max_to_keep, (int, np.integer)) or max_to_keep < 1):
+    raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if max_to_keep is None else int(max_to_keep),
+      enable_async_checkpointing=bool(async_save),
+      create=True,
+      # Interrupted saves leave '<step>.orbax-checkpoint-tmp-*' directories; they are never
+      # restored, so reclaim their space when a run (re)starts.
+      cleanup_tmp_directories=True,
+      step_name_format=_NAME_FORMAT,
+  )
+  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+              DATA_ITEM: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Blocks until pending asynchronous saves are written (call before exiting)."""
+  mngr.wait_until_finished()
+
+
+def latest_step(directory) -> Optional[int]:
+  """Newest finalized checkpoint step in `directory` (None if none), without restoring.
+
+  Finalized means Orbax committed it (atomic rename of its temporary directory), so interrupted
+  saves are not counted. The files inside are not read: `restore_latest` may still fall back to
+  an older step if this one turns out to be corrupt.
+  """
+  path = _as_path(directory)
+  if not path.exists():
+    return None
+  metadata = ocp.path.step.latest_step_metadata(path, _NAME_FORMAT)
+  return None if metadata is None else int(metadata.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
+
+
+def _key_path_str(path) -> str:
+  return "state" + jax.tree_util.keystr(path)
+
+
+@jax.jit
+def _all_finite(leaves):
+  """[L] bools: whether each array is free of NaN/Inf (one fused pass, any sharding)."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(state) -> list:
+  """Key paths (e.g. "state['params']['w']") of floating leaves holding NaN or Inf."""
+  bad, device_paths, device_leaves = [], [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if isinstance(leaf, jax.Array):
+      if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        device_paths.append(path)
+        device_leaves.append(leaf)
+    elif isinstance(leaf, (float, complex)) or (
+        isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.inexact)):
+      if not np.all(np.isfinite(leaf)):
+        bad.append(_key_path_str(path))
+  if device_leaves:
+    # The result is replicated, so every process can read it, also for multi-host arrays.
+    finite = np.asarray(_all_finite(device_leaves))
+    bad.extend(_key_path_str(p) for p, ok in zip(device_paths, finite) if not ok)
+  return bad
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict] = None,
+         force: bool = False) -> bool:
+  """Saves `state` (and the input pipeline's `data_state`) as checkpoint `step`.
+
+  Args:
+    mngr: from `create_manager`.
+    step: the training step, an int >= 0 (the directory name).
+    state: pytree of jax/numpy arrays and Python scalars.
+    data_state: JSON-serialisable dict (e.g. a grain iterator's state), or None.
+    force: save even if the manager's save policy would skip this step.
+  Returns:
+    Whether a checkpoint was written (False if `step` is already saved: it is not overwritten).
+  Raises:
+    NonFiniteStateError: a floating leaf holds NaN/Inf (names the leaves; nothing written).
+    ValueError: `step` is not a non-negative int, or `data_state` is not JSON-serialisable.
+  """
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+  step = int(step)
+  bad = nonfinite_leaves(state)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise NonFiniteStateError(f"refusing to save step {step} to {mngr.directory}: non-finite "
+                              f"values in {shown}; nothing was written")
+  if data_state is not None:
+    try:
+      json.dumps(data_state)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"data_state must be JSON-serialisable (it is saved with Orbax JsonSave), "
+                       f"got {type(data_state).__name__}: {e}") from e
+  if step in mngr.all_steps():
+    logging.info("Checkpoint step %d already exists in %s: not overwriting it.", step,
+                 mngr.directory)
+    return False
+  items = {STATE_ITEM: ocp.args.StandardSave(state)}
+  if data_state is not None:
+    items[DATA_ITEM] = ocp.args.JsonSave(data_state)
+  saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  if saved:
+    logging.info("Saving checkpoint step %d to %s.", step, mngr.directory)
+  return bool(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring.
+
+
+def _restore_target(abstract_state):
+  """The `StandardRestore` target: ShapeDtypeStructs (with sharding) for arrays."""
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      # A concrete array: restore into its shape, dtype (also PRNG key types) and sharding.
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(leaf, abstract_state)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` holds on every process (restores read per-process shards)."""
+  if jax.process_count() == 1:
+    return ok
+  flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
+  return bool(np.all(flags))
+
+
+def _quarantine(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
+  """Moves broken step directories aside (kept for inspection) so the steps can be re-saved."""
+  if jax.process_index() == 0:
+    for step in steps:
+      src = ocp.path.step.build_step_path(mngr.directory, _NAME_FORMAT, step)
+      dst = src.parent / f"{src.name}{_CORRUPT_MARK}{int(time.time())}"
+      if src.exists():
+        src.rename(dst)
+        logging.warning("Moved unreadable checkpoint %s to %s.", src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ddpm_checkpointing_quarantine")
+  mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager,
+                   abstract_state: Any) -> Optional[Tuple[Any, Optional[dict], int]]:
+  """Restores the newest checkpoint that can be read, falling back past broken ones.
+
+  Args:
+    mngr: from `create_manager`.
+    abstract_state: the target: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or a
+      concrete state; arrays are restored with its structure, dtypes and shardings (numpy leaves
+      come back as numpy arrays).
+  Returns:
+    (state, data_state, step) of the newest readable checkpoint (data_state None if none was
+    saved), or None if `mngr.directory` holds no checkpoint at all.
+  Raises:
+    CheckpointRestoreError: checkpoints exist but none can be restored into `abstract_state`
+      (names the directory and every step's error, e.g. a structure mismatch).
+  """
+  mngr.wait_until_finished()  # a save of this manager still in flight is not listed yet
+  mngr.reload()  # another process (or a previous run) may have written steps since creation
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  target = _restore_target(abstract_state)
+  failures = []
+  for step in steps:
+    step_dir = ocp.path.step.build_step_path(mngr.directory, _NAME_FORMAT, step)
+    items = {STATE_ITEM: ocp.args.StandardRestore(target)}
+    has_data = (step_dir / DATA_ITEM).exists()
+    if has_data:
+      items[DATA_ITEM] = ocp.args.JsonRestore()
+    error = None
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax/TensorStore raise many types (ValueError, FileNotFoundError, JSONDecodeError,
+      # plain Exception) for missing or truncated files; every one of them means "unreadable".
+      error = e
+    if not _all_processes_agree(error is None):
+      reason = (f"{type(error).__name__}: {error}" if error is not None else
+                "failed to restore on another process")
+      logging.warning("Checkpoint %s cannot be restored (%s); trying the previous one.",
+                      step_dir, _shorten(reason))
+      failures.append((step, reason))
+      continue
+    if failures:
+      _quarantine(mngr, [s for s, _ in failures])
+      logging.warning("Restored checkpoint step %d from %s after skipping unreadable step(s) %s.",
+                      step, mngr.directory, ", ".join(str(s) for s, _ in failures))
+    data_state = restored[DATA_ITEM] if has_data else None
+    return restored[STATE_ITEM], data_state, int(step)
+  details = "; ".join(f"step {s}: {_shorten(r)}" for s, r in failures)
+  raise CheckpointRestoreError(
+      f"none of the {len(steps)} checkpoint(s) in {mngr.directory} could be restored into the "
+      f"given state structure. {details}")
+
+
+def _shorten(text: str, limit: int = 600) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption.
+
+
+def _jax_preemption_service_active() -> bool:
+  """Whether jax.distributed started JAX's preemption sync manager (it owns SIGTERM then)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class PreemptionHandler:
+  """SIGTERM/SIGINT -> "save and exit at the next step boundary".
+
+  Use as a context manager around the training loop and call `requested(step)` once per step
+  boundary, on every process, with the same steps:
+    with PreemptionHandler() as preemption:
+      while ...:
+        ...
+        if preemption.requested(step):
+          save(...); break
+
+  Single process: the handlers set a flag that `requested` returns.
+  Several processes: all of them must stop at the same step, or the collective save hangs.
+    * If jax.distributed runs JAX's preemption service (the default), SIGTERM is left to JAX's
+      own notifier, which propagates the notice to all processes; SIGINT is forwarded to it as a
+      SIGTERM. `requested(step)` is `multihost_utils.reached_preemption_sync_point(step)`: every
+      process gets True at the same step, without a device synchronisation.
+    * Otherwise, every `sync_every` steps the processes all-gather their flags and stop if any
+      process received a signal.
+  A second SIGINT while a stop is pending raises KeyboardInterrupt (the usual Ctrl-C twice).
+  Closing restores the previous handlers. Handlers can only be installed from the main thread.
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+               sync_every: int = 1):
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+      raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    self._signals = tuple(signals)
+    self._sync_every = sync_every
+    self._previous = {}
+    self._received = None
+    self._installed = False
+    self._multiprocess = False
+    self._use_jax_service = False
+    self._reported = False
+
+  @property
+  def signal_received(self) -> Optional[int]:
+    """The number of the (first) signal this process received, or None."""
+    return self._received
+
+  def install(self) -> "PreemptionHandler":
+    if self._installed:
+      raise RuntimeError("PreemptionHandler is already installed")
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("PreemptionHandler must be installed from the main thread (Python "
+                         "only delivers signals there)")
+    self._multiprocess = jax.process_count() > 1
+    self._use_jax_service = self._multiprocess and _jax_preemption_service_active()
+    for sig in self._signals:
+      if self._use_jax_service and sig == signal.SIGTERM:
+        continue  # JAX's C++ notifier handles SIGTERM; a Python handler would replace it.
+      self._previous[sig] = signal.signal(sig, self._on_signal)
+    self._installed = True
+    if self._multiprocess:
+      logging.info("Preemption: %s.", "JAX preemption sync point (SIGINT forwarded as SIGTERM)"
+                   if self._use_jax_service else
+                   f"all-process flag agreement every {self._sync_every} step(s)")
+    return self
+
+  def close(self) -> None:
+    """Restores the handlers that were installed before."""
+    for sig, previous in self._previous.items():
+      # None means a handler not installed from Python: the best available is the default.
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+    self._installed = False
+
+  def __enter__(self) -> "PreemptionHandler":
+    return self.install()
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if self._received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the final save.
+    if self._received is None:
+      self._received = signum
+    if self._use_jax_service:
+      # Hand the notice to JAX's preemption sync manager, which agrees on a stop step.
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def requested(self, step: Optional[int] = None) -> bool:
+    """Whether to save and stop now. Call at every step boundary, on every process.
+
+    Args:
+      step: the current step; required when there are several processes (all processes must
+        call with the same steps, in the same order).
+    """
+    if not self._multiprocess:
+      stop = self._received is not None
+    else:
+      if step is None:
+        raise ValueError("PreemptionHandler.requested needs the step when jax.process_count() "
+                         "> 1, so that all processes stop at the same step")
+      if self._use_jax_service:
+        stop = multihost_utils.reached_preemption_sync_point(int(step))
+      elif int(step) % self._sync_every == 0:
+        stop = not _all_processes_agree(self._received is None)
+      else:
+        stop = False
+    if stop and not self._reported:
+      self._reported = True
+      name = (signal.Signals(self._received).name if self._received is not None else
+              "notice from JAX's preemption service")
+      logging.warning("Preemption requested (%s)%s.", name,
+                      "" if step is None else f" at step {step}")
+    return stop
