@@ -16,8 +16,9 @@ Robustness:
   * `save` refuses non-finite states (nothing is written), so a diverged run never overwrites
     its last good checkpoint with NaNs.
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
-    or truncated file, interrupted save) is logged, moved aside to `<step>.corrupt-<time>` so
-    training can write that step again, and the previous one is used. If every checkpoint fails,
+    or truncated file) is logged, moved aside to `<step>.corrupt-<time>` (kept for inspection;
+    training can then write that step again; read-only managers move nothing), and the previous
+    one is used. If every checkpoint fails,
     it raises `CheckpointRestoreError` naming the directory and each step's error. Interrupted
     saves leave `<step>.orbax-checkpoint-tmp-*` directories that Orbax never lists as steps;
     `create_manager` deletes them.
@@ -29,6 +30,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -44,6 +46,8 @@ DATA_ITEM = "data"
 # Step directories are plain integers ('1000'), Orbax's standard naming.
 _NAME_FORMAT = ocp.path.step.standard_name_format()
 _CORRUPT_MARK = ".corrupt-"
+# Managers made by create_manager(read_only=True) (Orbax keeps its options private).
+_READ_ONLY = weakref.WeakSet()
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -66,8 +70,8 @@ def _as_path(directory) -> epath.Path:
   return path
 
 
-def create_manager(directory, max_to_keep: Optional[int] = 3,
-                   async_save: bool = True) -> ocp.CheckpointManager:
+def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
   """An Orbax `CheckpointManager` for the items 'state' and 'data' in `directory`.
 
   Args:
@@ -76,6 +80,9 @@ def create_manager(directory, max_to_keep: Optional[int] = 3,
     max_to_keep: number of newest checkpoints kept (older ones are deleted after each save);
       None keeps all.
     async_save: write in a background thread; `save` returns once the arrays are copied to host.
+    read_only: for readers of another run's checkpoints (sampling, evaluation while training
+      runs): never writes, deletes or moves anything, so an in-flight save of the training run
+      (a '<step>.orbax-checkpoint-tmp-*' directory) is left alone.
   Returns:
     The manager, to pass to `save`, `restore_latest` and `wait`.
   """
@@ -83,17 +90,23 @@ def create_manager(directory, max_to_keep: Optional[int] = 3,
       max_to_keep, (int, np.integer)) or max_to_keep < 1):
     raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=None if max_to_keep is None else int(max_to_keep),
+      max_to_keep=None if (max_to_keep is None or read_only) else int(max_to_keep),
+      save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=bool(async_save),
-      create=True,
+      create=not read_only,
+      read_only=bool(read_only),
       # Interrupted saves leave '<step>.orbax-checkpoint-tmp-*' directories; they are never
-      # restored, so reclaim their space when a run (re)starts.
-      cleanup_tmp_directories=True,
+      # restored, so the writer reclaims their space when it (re)starts (in the background,
+      # awaited by the first save).
+      cleanup_tmp_directories=not read_only,
       step_name_format=_NAME_FORMAT,
   )
   handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
               DATA_ITEM: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
+  mngr = ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
+  if read_only:
+    _READ_ONLY.add(mngr)
+  return mngr
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -167,6 +180,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
   step = int(step)
+  if mngr in _READ_ONLY:
+    raise ValueError(f"cannot save step {step}: the manager of {mngr.directory} is read-only")
   bad = nonfinite_leaves(state)
   if bad:
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -271,7 +286,8 @@ def restore_latest(mngr: ocp.CheckpointManager,
       failures.append((step, reason))
       continue
     if failures:
-      _quarantine(mngr, [s for s, _ in failures])
+      if mngr not in _READ_ONLY:
+        _quarantine(mngr, [s for s, _ in failures])
       logging.warning("Restored checkpoint step %d from %s after skipping unreadable step(s) %s.",
                       step, mngr.directory, ", ".join(str(s) for s, _ in failures))
     data_state = restored[DATA_ITEM] if has_data else None

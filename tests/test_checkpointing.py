@@ -3,6 +3,9 @@ non-finite refusal, sharded restore on the 8 simulated devices, and the preempti
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import flax
 import jax
@@ -127,6 +130,9 @@ def test_keeps_last_k_and_does_not_overwrite(tmp_path, states):
 
 def test_nothing_to_restore(tmp_path, states):
   assert checkpointing.latest_step(tmp_path / "missing") is None
+  reader = checkpointing.create_manager(tmp_path / "missing", read_only=True)
+  assert checkpointing.restore_latest(reader, states[1]) is None
+  assert not (tmp_path / "missing").exists()
   mngr = checkpointing.create_manager(tmp_path / "ckpt")
   assert checkpointing.latest_step(tmp_path / "ckpt") is None
   assert checkpointing.restore_latest(mngr, states[1]) is None
@@ -213,9 +219,17 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, states):
   (tmp_dir / "state" / "_METADATA").write_text('{"tree_metadata": {')
   assert checkpointing.latest_step(tmp_path) == 1
   assert checkpointing.restore_latest(mngr, states[2])[2] == 1
-  checkpointing.create_manager(tmp_path)  # a restarted run reclaims the space
+  # A reader (sampling/eval next to a running training) leaves in-flight saves alone ...
+  reader = checkpointing.create_manager(tmp_path, read_only=True)
+  assert checkpointing.restore_latest(reader, states[2])[2] == 1
+  assert tmp_dir.exists()
+  with pytest.raises(ValueError, match="read-only"):
+    checkpointing.save(reader, 3, states[3])
+  # ... while a restarted training run reclaims the space (awaited by its first save).
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 3, states[3])
   assert not tmp_dir.exists()
-  assert checkpointing.latest_step(tmp_path) == 1
+  assert checkpointing.latest_step(tmp_path) == 3
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -292,3 +306,156 @@ def test_preemption_handler_sigint_twice_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_async_save_survives_donated_buffers(tmp_path):
+  """The training loop donates the state to the next step right after `save` returns."""
+  x = {"a": jnp.arange(64.0).reshape(8, 8) + 1, "b": jnp.ones(3, jnp.bfloat16)}
+  want = jax.tree.map(np.asarray, x)
+  mngr = checkpointing.create_manager(tmp_path, async_save=True)
+  checkpointing.save(mngr, 1, x)
+  for leaf in jax.tree.leaves(x):
+    leaf.delete()
+  checkpointing.wait(mngr)
+  got, _, _ = checkpointing.restore_latest(mngr, jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), want))
+  assert all(_leaf_bytes(got[k]) == _leaf_bytes(want[k]) for k in want)
+
+
+# ---- two processes (jax.distributed over loopback, 2 CPU devices each) -------------------------
+# Each worker: saves a sharded state twice, checks the non-finite refusal, restores past a
+# corrupted newest step, then polls a PreemptionHandler while process 1 signals itself at step 5.
+
+_WORKER = r'''
+import os
+import signal
+import sys
+import time
+
+def main():
+  pid, port, workdir, sig_name, service = (int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4],
+                                           sys.argv[5] == "1")
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_preemption_service", service)
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+  import numpy as np
+  import jax.numpy as jnp
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ddpm import checkpointing
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  n = jax.device_count()
+  sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+  def make(step):
+    full = np.arange(n * 3, dtype=np.float32).reshape(n, 3) * step
+    local = full.reshape(2, n // 2, 3)[pid]
+    return {"w": jax.make_array_from_process_local_data(sharded, local, full.shape),
+            "r": jax.device_put(np.full((2,), step, np.int32), replicated)}, full
+
+  mngr = checkpointing.create_manager(workdir, async_save=True)
+  for step in (1, 2):
+    checkpointing.save(mngr, step, make(step)[0], data_state={"process_count": 2, "step": step})
+  checkpointing.wait(mngr)
+  bad = make(3)[0]
+  bad["w"] = bad["w"].at[0, 0].set(jnp.nan)
+  try:
+    checkpointing.save(mngr, 3, bad)
+    print("NONFINITE not refused", flush=True)
+  except checkpointing.NonFiniteStateError as e:
+    print("NONFINITE refused", "['w']" in str(e), flush=True)
+  multihost_utils.sync_global_devices("saved")
+  if pid == 0:
+    os.remove(os.path.join(workdir, "2", "state", "manifest.ocdbt"))
+  multihost_utils.sync_global_devices("corrupted")
+  target = {"w": jax.ShapeDtypeStruct((n, 3), jnp.float32, sharding=sharded),
+            "r": jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)}
+  state, data_state, step = checkpointing.restore_latest(mngr, target)
+  want = make(1)[1]
+  ok = all(np.array_equal(np.asarray(s.data), want[s.index]) for s in state["w"].addressable_shards)
+  ok = ok and state["w"].sharding.is_equivalent_to(sharded, 2) and data_state["step"] == 1
+  print("RESTORED", step, ok, flush=True)
+
+  sig = getattr(signal, sig_name)
+  stop = None
+  with checkpointing.PreemptionHandler() as preemption:
+    for step in range(1000):
+      if pid == 1 and step == 5:
+        os.kill(os.getpid(), sig)
+      time.sleep(0.01)
+      if preemption.requested(step):
+        stop = step
+        break
+  print("STOP", stop, flush=True)
+  checkpointing.wait(mngr)
+
+if __name__ == "__main__":
+  main()
+'''
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(tmp_path, sig_name, service):
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path / "ckpt"),
+                             sig_name, "1" if service else "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=150)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+  return [dict(line.split(" ", 1) for line in out.splitlines()
+               if line.split(" ")[0] in ("NONFINITE", "RESTORED", "STOP")) for out in outputs]
+
+
+def _check_two_processes(results):
+  for r in results:
+    assert r["NONFINITE"] == "refused True"
+    assert r["RESTORED"] == "1 True"  # both fell back past the corrupt step 2 together
+  stops = [r["STOP"] for r in results]
+  assert stops[0] == stops[1] != "None", stops  # the same stop step on both processes
+  assert int(stops[0]) >= 5
+
+
+def test_two_processes_sigint_via_jax_preemption_service(tmp_path):
+  _check_two_processes(_run_two_processes(tmp_path, "SIGINT", service=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig_name,service", [("SIGTERM", True), ("SIGTERM", False),
+                                              ("SIGINT", False)])
+def test_two_processes_preemption_variants(tmp_path, sig_name, service):
+  _check_two_processes(_run_two_processes(tmp_path, sig_name, service))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_manager_falls_back_without_moving(tmp_path, states, caplog):
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 1, states[1])
+  checkpointing.save(mngr, 2, states[2])
+  _delete_manifest(_step_dir(tmp_path, 2))
+  reader = checkpointing.create_manager(tmp_path, read_only=True)
+  with caplog.at_level(logging.WARNING):
+    state, _, step = checkpointing.restore_latest(reader, states[3])
+  assert step == 1
+  _assert_bitwise_equal(state, states[1])
+  assert _step_dir(tmp_path, 2) in caplog.text
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
