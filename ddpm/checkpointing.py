@@ -16,15 +16,16 @@ Robustness:
   * `save` refuses non-finite states (nothing is written), so a diverged run never overwrites
     its last good checkpoint with NaNs.
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
-    or truncated file) is logged, moved aside to `<step>.corrupt-<time>` (kept for inspection;
-    training can then write that step again; read-only managers move nothing), and the previous
-    one is used. If every checkpoint fails,
-    it raises `CheckpointRestoreError` naming the directory and each step's error. Interrupted
-    saves leave `<step>.orbax-checkpoint-tmp-*` directories that Orbax never lists as steps;
-    `create_manager` deletes them.
+    or truncated file) is logged, moved aside to `<step>.corrupt-<time>` (kept for inspection,
+    and training can write that step again; read-only managers move nothing), and the previous
+    one is used. If every checkpoint fails, it raises `CheckpointRestoreError` naming the
+    directory and each step's error.
+  * Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` directories: Orbax never lists them
+    as steps, and a writing manager deletes them when created.
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
     processes every process stops at the same step (JAX's preemption sync point).
 """
+import hashlib
 import json
 import os
 import signal
@@ -138,27 +139,39 @@ def _key_path_str(path) -> str:
 
 @jax.jit
 def _all_finite(leaves):
-  """[L] bools: whether each array is free of NaN/Inf (one fused pass, any sharding)."""
+  """[L] bools: whether each array is free of NaN/Inf (one fused pass)."""
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def nonfinite_leaves(state) -> list:
   """Key paths (e.g. "state['params']['w']") of floating leaves holding NaN or Inf."""
-  bad, device_paths, device_leaves = [], [], []
+  bad = []
+  on_devices = {}  # device set -> [(path, array)]: one jitted check per set of devices
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if isinstance(leaf, jax.Array):
       if jnp.issubdtype(leaf.dtype, jnp.inexact):
-        device_paths.append(path)
-        device_leaves.append(leaf)
+        on_devices.setdefault(frozenset(leaf.sharding.device_set), []).append((path, leaf))
     elif isinstance(leaf, (float, complex)) or (
         isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.inexact)):
       if not np.all(np.isfinite(leaf)):
         bad.append(_key_path_str(path))
-  if device_leaves:
+  for group in on_devices.values():
     # The result is replicated, so every process can read it, also for multi-host arrays.
-    finite = np.asarray(_all_finite(device_leaves))
-    bad.extend(_key_path_str(p) for p, ok in zip(device_paths, finite) if not ok)
+    finite = np.asarray(_all_finite([leaf for _, leaf in group]))
+    bad.extend(_key_path_str(p) for (p, _), ok in zip(group, finite) if not ok)
   return bad
+
+
+def _check_same_on_all_processes(data_state, step: int, directory) -> None:
+  """Orbax's JsonSave writes process 0's dict only: the others' must be equal to it."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest()[:8]
+  gathered = multihost_utils.process_allgather(np.frombuffer(digest, np.int32))
+  if not np.all(gathered == gathered[0]):
+    raise ValueError(f"cannot save step {step} to {directory}: data_state differs between "
+                     "processes, but only process 0's is written; give every process the same "
+                     "dict (e.g. gather the per-process states into one)")
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict] = None,
@@ -169,13 +182,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     mngr: from `create_manager`.
     step: the training step, an int >= 0 (the directory name).
     state: pytree of jax/numpy arrays and Python scalars.
-    data_state: JSON-serialisable dict (e.g. a grain iterator's state), or None.
+    data_state: JSON-serialisable dict (e.g. a grain iterator's state), or None. Orbax writes
+      process 0's copy only, so with several processes it must be the same on all of them
+      (checked).
     force: save even if the manager's save policy would skip this step.
   Returns:
     Whether a checkpoint was written (False if `step` is already saved: it is not overwritten).
   Raises:
     NonFiniteStateError: a floating leaf holds NaN/Inf (names the leaves; nothing written).
-    ValueError: `step` is not a non-negative int, or `data_state` is not JSON-serialisable.
+    ValueError: `step` is not a non-negative int, `data_state` is not JSON-serialisable or
+      differs between processes, or the manager is read-only.
   """
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
@@ -193,6 +209,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     except (TypeError, ValueError) as e:
       raise ValueError(f"data_state must be JSON-serialisable (it is saved with Orbax JsonSave), "
                        f"got {type(data_state).__name__}: {e}") from e
+    _check_same_on_all_processes(data_state, step, mngr.directory)
   if step in mngr.all_steps():
     logging.info("Checkpoint step %d already exists in %s: not overwriting it.", step,
                  mngr.directory)

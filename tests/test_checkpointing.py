@@ -239,6 +239,11 @@ def test_non_finite_state_is_refused(tmp_path, states, async_save):
                                   "dense": states[1].params["dense"].at[1, 2].set(jnp.nan)})
   with pytest.raises(checkpointing.NonFiniteStateError, match=r"\['dense'\]"):
     checkpointing.save(mngr, 1, bad)
+  # Leaves on different device sets (one device vs the 8-device mesh) are checked too.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  mixed = {"one": jnp.ones(3), "mesh": jax.device_put(jnp.full((8,), jnp.inf),
+                                                      NamedSharding(mesh, P("data")))}
+  assert checkpointing.nonfinite_leaves(mixed) == ["state['mesh']"]
   bad_host = states[1].replace(sampler={"history": np.array([[np.inf]]), "count": np.zeros(2)})
   with pytest.raises(checkpointing.NonFiniteStateError, match="history"):
     checkpointing.save(mngr, 2, bad_host)
@@ -365,6 +370,11 @@ def main():
     print("NONFINITE not refused", flush=True)
   except checkpointing.NonFiniteStateError as e:
     print("NONFINITE refused", "['w']" in str(e), flush=True)
+  try:
+    checkpointing.save(mngr, 4, make(4)[0], data_state={"process": pid})
+    print("DATADIFF not refused", flush=True)
+  except ValueError as e:
+    print("DATADIFF refused", "differs between processes" in str(e), flush=True)
   multihost_utils.sync_global_devices("saved")
   if pid == 0:
     os.remove(os.path.join(workdir, "2", "state", "manifest.ocdbt"))
@@ -423,12 +433,13 @@ def _run_two_processes(tmp_path, sig_name, service):
   for proc, out in zip(procs, outputs):
     assert proc.returncode == 0, out[-3000:]
   return [dict(line.split(" ", 1) for line in out.splitlines()
-               if line.split(" ")[0] in ("NONFINITE", "RESTORED", "STOP")) for out in outputs]
+               if line.split(" ")[0] in ("NONFINITE", "DATADIFF", "RESTORED", "STOP")) for out in outputs]
 
 
 def _check_two_processes(results):
   for r in results:
     assert r["NONFINITE"] == "refused True"
+    assert r["DATADIFF"] == "refused True"
     assert r["RESTORED"] == "1 True"  # both fell back past the corrupt step 2 together
   stops = [r["STOP"] for r in results]
   assert stops[0] == stops[1] != "None", stops  # the same stop step on both processes
