@@ -6,6 +6,8 @@ must load exactly, and the network run on it must give features of the right sha
 """
 import hashlib
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -337,3 +339,22 @@ def test_download_is_hash_checked_and_cached(tmp_path):
   # A converted .npz in the cache is preferred (no torch needed to read it).
   (cache / inception.CONVERTED_WEIGHTS_FILENAME).write_bytes(b"npz")
   assert inception.get_weights_path("", cache_dir=str(cache), url=url).endswith(".npz")
+
+
+def test_convert_script_without_torch_says_so(tmp_path):
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip("torch is installed here")
+  except ImportError:
+    pass
+  pth = tmp_path / inception.FID_WEIGHTS_FILENAME
+  pth.write_bytes(b"not read")
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "convert_inception_weights.py")
+  result = subprocess.run([sys.executable, script, f"--input={pth}",
+                           f"--output={tmp_path / 'out.npz'}"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode != 0
+  assert "needs PyTorch" in result.stderr and "pip install torch" in result.stderr
+  assert not (tmp_path / "out.npz").exists()
