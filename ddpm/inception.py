@@ -15,12 +15,13 @@ scripts/convert_inception_weights.py, into Flax variables. Random weights are ne
 
 Images are NHWC, uint8 in [0, 255] or float in [-1, 1], any size and 1 or 3 channels.
 """
+import functools
 import hashlib
 import os
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -290,8 +291,9 @@ _LEAF_TO_TORCH = {
 _IGNORED_TORCH_SUFFIXES = ("num_batches_tracked",)
 
 
+@functools.lru_cache(maxsize=1)
 def variable_shapes() -> Variables:
-  """The network's variables as ShapeDtypeStructs (no computation, no memory)."""
+  """The network's variables as ShapeDtypeStructs (traced once, no computation, no memory)."""
   return jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0),
                         jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
 
