@@ -32,24 +32,6 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                 + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
-def _log_prob_interval(lo, hi):
-  """log(Phi(hi) - Phi(lo)) for lo < hi, stable in both tails.
-
-  Evaluated on the side of the origin where the CDF values are small (by the symmetry
-  Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)), in log space, so that a bin many standard deviations
-  from the mean keeps its (tiny) probability instead of rounding to 0.
-  """
-  right = (lo + hi) > 0
-  a = jnp.where(right, -lo, hi)   # the larger argument after mirroring
-  b = jnp.where(right, -hi, lo)
-  log_a, log_b = log_ndtr(a), log_ndtr(b)
-  # log(Phi(a) - Phi(b)) = log Phi(a) + log(1 - exp(log Phi(b) - log Phi(a))).
-  # The floor only bites when the bin is so narrow against the scale that lo and hi round to
-  # the same float; it keeps log and its gradient finite there.
-  gap = -jnp.expm1(log_b - log_a)
-  return log_a + jnp.log(jnp.maximum(gap, jnp.finfo(gap.dtype).tiny))
-
-
 def discretized_gaussian_log_likelihood(x, means, log_scales):
   """log P(x) of 8-bit data under a Gaussian discretised into 256 bins (Ho et al. eq. 13).
 
@@ -69,8 +51,17 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   centered = x - means
   lo = inv_stdv * (centered - _HALF_BIN)
   hi = inv_stdv * (centered + _HALF_BIN)
-  log_cdf_hi = log_ndtr(hi)                 # first bin: P(X < x + 1/255)
-  log_one_minus_cdf_lo = log_ndtr(-lo)      # last bin: P(X > x - 1/255)
-  log_mid = _log_prob_interval(lo, hi)
-  return jnp.where(x < -_EDGE, log_cdf_hi,
-                   jnp.where(x > _EDGE, log_one_minus_cdf_lo, log_mid))
+  first, last = x < -_EDGE, x > _EDGE
+  # P = Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi). Evaluate it on the side of the origin where the
+  # CDF values are small, and in log space, so that a bin many standard deviations from the mean
+  # keeps its tiny probability instead of rounding to 0. The edge bins are one-sided:
+  # P(X < hi) = Phi(hi) for the first, P(X > lo) = Phi(-lo) for the last.
+  mirror = jnp.where(first, False, jnp.where(last, True, (lo + hi) > 0))
+  log_a = log_ndtr(jnp.where(mirror, -lo, hi))   # the larger CDF value
+  log_b = log_ndtr(jnp.where(mirror, -hi, lo))
+  # log(Phi(a) - Phi(b)) = log Phi(a) + log(1 - exp(log Phi(b) - log Phi(a))). The floor only
+  # bites when the bin is so narrow against the scale that lo and hi round to the same float;
+  # it keeps the log and its gradient finite there.
+  gap = -jnp.expm1(log_b - log_a)
+  log_gap = jnp.log(jnp.maximum(gap, jnp.finfo(gap.dtype).tiny))
+  return log_a + jnp.where(first | last, 0.0, log_gap)

@@ -18,6 +18,8 @@ def fns():
       "uniform": jax.jit(ts.uniform_sample, static_argnums=2),
       "loss_aware": jax.jit(ts.loss_aware_sample, static_argnums=2),
       "update": jax.jit(ts.update),
+      "probs": jax.jit(ts.loss_aware_probs),
+      "is_warm": jax.jit(ts.is_warm),
   }
 
 
@@ -44,8 +46,8 @@ def test_loss_aware_is_uniform_before_warmup(fns):
   # Every t but the last gets a full history of large losses.
   t = np.repeat(np.arange(T - 1), K)
   state = fns["update"](state, jnp.asarray(t), jnp.full(t.shape, 7.0))
-  assert not bool(ts.is_warm(state))
-  np.testing.assert_allclose(ts.loss_aware_probs(state), 1.0 / T, rtol=1e-6)
+  assert not bool(fns["is_warm"](state))
+  np.testing.assert_allclose(fns["probs"](state), 1.0 / T, rtol=1e-6)
   t, w = fns["loss_aware"](state, jax.random.key(1), 64)
   np.testing.assert_allclose(w, 1.0, rtol=1e-6)
 
@@ -53,9 +55,9 @@ def test_loss_aware_is_uniform_before_warmup(fns):
 def test_loss_aware_probs_after_warmup(fns):
   rms = np.array([1.0, 2.0, 0.5, 4.0, 0.25, 3.0])
   state = _warm_state(fns, rms)
-  assert bool(ts.is_warm(state))
+  assert bool(fns["is_warm"](state))
   want = (1 - ts.UNIFORM_PROB) * rms / rms.sum() + ts.UNIFORM_PROB / T
-  np.testing.assert_allclose(ts.loss_aware_probs(state), want, rtol=1e-5)
+  np.testing.assert_allclose(fns["probs"](state), want, rtol=1e-5)
   t, w = fns["loss_aware"](state, jax.random.key(2), 20_000)
   counts = np.bincount(np.asarray(t), minlength=T)
   assert stats.chisquare(counts, 20_000 * want).pvalue > 1e-4
@@ -65,7 +67,7 @@ def test_loss_aware_probs_after_warmup(fns):
 def test_importance_weights_make_estimator_unbiased(fns):
   rms = np.array([1.0, 2.0, 0.5, 4.0, 0.25, 3.0])
   state = _warm_state(fns, rms)
-  probs = np.asarray(ts.loss_aware_probs(state), np.float64)
+  probs = np.asarray(fns["probs"](state), np.float64)
   per_t_loss = np.array([3.0, -1.0, 2.0, 0.5, 8.0, 1.0])
   # Exactly: sum_t p_t * (1 / (T p_t)) * L_t = mean_t L_t.
   assert np.sum(probs * per_t_loss / (T * probs)) == pytest.approx(per_t_loss.mean(), rel=1e-6)
