@@ -24,10 +24,10 @@ Timestep selection (`spacing`):
   uniform    N indices evenly spaced in [0, T - 1], rounded (improved-diffusion's
              `space_timesteps(T, "N")`); includes both the first and the last step.
   quadratic  tau_i = max(floor(c i^2), i), i = 0..N-1, c = (T - 1) / (N - 1)^2: the DDIM paper's
-             quadratic selection (App. D.2, "tau_i = floor(c i^2) ... such that tau_-1 is close
-             to T"), with c chosen so the last kept step is T - 1, and max(., i) keeping the
-             steps distinct where c i^2 grows by less than 1 (the DDIM code instead repeats
-             steps there).
+             quadratic selection (Song et al., appendix D: tau_i = floor(c i^2), c such that the
+             last tau is close to T), here with the last kept step exactly T - 1 (the DDIM code
+             stops at 0.8 T), and max(., i) keeping the steps distinct where c i^2 grows by less
+             than 1 (the DDIM code repeats steps there). Dense near t = 0, where the ODE curves.
 
 Randomness: each example's noise is drawn from its own key, `fold_in(key, global example index)`
 (the initial noise from one sub-key, the noise of loop iteration i from `fold_in(other sub-key,
@@ -48,8 +48,7 @@ from the conditional half (as GLIDE does). Labels enter as
   `make_sampler(...)`: apply_fn(params, x_t, t, y) with y None for unconditional models.
 """
 import functools
-import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -215,11 +214,16 @@ def _build_plan(diffusion, method, num_steps, eta, spacing):
   n = _resolve_num_steps(T, num_steps)
   kept = timestep_subsequence(T, n, spacing)
   abar = _alphas_cumprod64(diffusion)
-  if method != "ddpm" and not np.all(abar[kept] > 0):
-    raise ValueError(f"method {method!r} needs alpha_bar > 0 at every kept timestep (x_0 and "
-                     f"eps are not recoverable from x_t at alpha_bar = 0, e.g. the last step of "
-                     f"the 'jsd' schedule); kept steps with alpha_bar = 0: "
-                     f"{kept[abar[kept] <= 0].tolist()}")
+  dead = kept[abar[kept] <= 0]
+  # alpha_bar = 0 (a beta of 1: the last step of 'jsd', or of 'linear' with T = 20) makes x_t
+  # independent of x_0: an eps-model cannot predict x_0 there (0 / 0 in Ho eq. 11's inverse),
+  # and DDIM / the ODE need the finite sigma = sqrt((1 - abar) / abar). Refuse, not NaN.
+  if dead.size and (method != "ddpm" or diffusion.model_mean_type == "eps"):
+    raise ValueError(
+        f"method {method!r} with model_mean_type {diffusion.model_mean_type!r} needs "
+        f"alpha_bar > 0 at every sampled timestep, but alpha_bar = 0 (beta = 1) at "
+        f"{dead.tolist()} of {T}: use more timesteps or the 'cosine' schedule"
+        + ("" if method != "ddpm" else ", or an 'x0'/'v' model"))
   if method == "ddpm":
     d = diffusion if n == T else diffusion_lib.respace(diffusion, [int(k) for k in kept])
     xs = dict(t=np.arange(n)[::-1].astype(np.int32))
@@ -323,6 +327,16 @@ def _as_key(rng) -> Array:
   return jax.random.wrap_key_data(rng)
 
 
+def _check_labels(y, batch, guidance_scale, null_label):
+  if guidance_scale > 0 and y is None:
+    raise ValueError("guidance_scale > 0 needs class labels y (and null_label)")
+  if guidance_scale > 0 and null_label is None:
+    raise ValueError("classifier-free guidance (guidance_scale > 0) needs null_label, the label "
+                     "the model was trained with for dropped classes")
+  if y is not None and tuple(jnp.shape(y)) != (batch,):
+    raise ValueError(f"y has shape {tuple(jnp.shape(y))}, expected ({batch},)")
+
+
 def _check_noise(noise, shape):
   if noise is not None and tuple(noise.shape) != tuple(shape):
     raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
@@ -362,6 +376,7 @@ def sample(diffusion, model_fn: Callable, shape: Sequence[int], rng, method: str
   shape = _check_shape(shape)
   _check_args(method, eta, spacing, guidance_scale, intermediate_every)
   _check_noise(noise, shape)
+  _check_labels(y, shape[0], guidance_scale, null_label)
   plan = _build_plan(diffusion, method, num_steps, eta, spacing)
   key = _as_key(rng)
 
@@ -390,7 +405,9 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
       Single process: inputs are placed on the mesh here. Several processes: pass params
       replicated and y as a global array (`jax.make_array_from_process_local_data`).
     Other arguments: as for `sample`.
-  The returned fn jits once per (params structure, y given or not, noise given or not).
+  The returned fn jits once per (params structure, y given or not, noise given or not). It
+  carries `.timesteps` (the kept timesteps, increasing) and `.num_function_evals` (model calls
+  per sample; each a doubled batch under guidance).
   """
   shape = _check_shape(shape)
   _check_args(method, eta, spacing, guidance_scale, intermediate_every)
@@ -422,10 +439,7 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
                                      out_specs=out_specs))
 
   def sampler(params, rng, y=None, noise=None):
-    if y is None and guidance_scale > 0:
-      raise ValueError("guidance_scale > 0 needs class labels y")
-    if y is not None and tuple(y.shape) != (shape[0],):
-      raise ValueError(f"y has shape {tuple(y.shape)}, expected ({shape[0]},)")
+    _check_labels(y, shape[0], guidance_scale, null_label)
     _check_noise(noise, shape)
     key = _as_key(rng)
     if mesh is not None and jax.process_count() == 1:
@@ -433,6 +447,9 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
       y, noise = jax.device_put((y, noise), NamedSharding(mesh, P(DATA_AXIS)))
     return compiled(params, key, y, noise)
 
+  # For logs and benchmarks: the kept timesteps (increasing) and model calls per sample.
+  sampler.timesteps = timestep_subsequence(diffusion.num_timesteps, num_steps, spacing)
+  sampler.num_function_evals = plan[2]
   return sampler
 
 

@@ -266,7 +266,8 @@ def test_loop_is_one_scan_with_one_model_trace(diff):
     assert len(traces) == 1, (method, len(traces))
     scans = _find_eqns(jaxpr.jaxpr, "scan")
     assert len(scans) == 1 and scans[0].params["length"] == sampling.num_function_evals(
-        method, 10), method
+        method, 10) == sampler.num_function_evals, method
+    np.testing.assert_array_equal(sampler.timesteps, sampling.timestep_subsequence(T, 10))
 
 
 def test_make_sampler_compiles_once_and_rng_matters(diff):
@@ -434,5 +435,9 @@ def test_bad_arguments(diff):
     sampling.make_sampler(diff, lambda p, x, t, y: x, (6, 4, 4, 1),
                           mesh=distributed.make_data_mesh())
   jsd = diffusion_lib.GaussianDiffusion(schedules.get_beta_schedule("jsd", 10))
+  for method in sampling.METHODS:  # alpha_bar_T = 0: no x_0 from an eps-model, sigma = inf
+    with pytest.raises(ValueError, match=r"alpha_bar > 0 .* at \[9\] of 10"):
+      sampling.sample(jsd, model, shape, rng, method=method)
   with pytest.raises(ValueError, match="alpha_bar > 0"):
-    sampling.sample(jsd, model, shape, rng, method="heun")
+    sampling.sample(diffusion_lib.GaussianDiffusion(jsd.betas_float64, model_mean_type="x0"),
+                    model, shape, rng, method="ddim")
