@@ -137,6 +137,10 @@ class GaussianDiffusion:
       raise ValueError(f"min_snr_gamma={min_snr_gamma} weights the regression loss; "
                        "loss_type 'kl' has none (use mse, l1, huber or hybrid)")
     num_timesteps = int(betas64.shape[0])
+    if (model_mean_type == "eps" and _x0_unrecoverable(betas64)
+        and (loss_type == "kl" or model_var_type in _LEARNED_VAR_TYPES)):
+      raise ValueError(_x0_unrecoverable_message(betas64, f"loss_type {loss_type!r} with "
+                                                 f"model_var_type {model_var_type!r}"))
     if timestep_map is None:
       tmap = np.arange(num_timesteps, dtype=np.int64)
     else:
@@ -216,7 +220,8 @@ class GaussianDiffusion:
     if t.ndim > len(x_shape) or tuple(x_shape[:t.ndim]) != t.shape:
       raise ValueError(f"t of shape {t.shape} must match the leading (batch) dims of x of "
                        f"shape {tuple(x_shape)}")
-    if not isinstance(t, jax.core.Tracer):
+    # Range check when t is a concrete, host-readable array (not under jit / vmap / grad).
+    if not isinstance(t, jax.core.Tracer) and getattr(t, "is_fully_addressable", True):
       t_host = np.asarray(t)
       if t_host.size and (t_host.min() < 0 or t_host.max() >= self.num_timesteps):
         raise ValueError(f"t must be in [0, {self.num_timesteps - 1}], got values in "
@@ -408,6 +413,8 @@ class GaussianDiffusion:
       mse [B, T]). Column t of vb / xstart_mse / mse belongs to timestep index t (vb[:, 0] is
       the decoder term L_0). mse is the squared error of the implied noise prediction.
     """
+    if self.model_mean_type == "eps" and _x0_unrecoverable(self.betas_float64):
+      raise ValueError(_x0_unrecoverable_message(self.betas_float64, "calc_bpd_loop"))
     batch = jnp.shape(x_start)[0]
 
     def term(_, inputs):
@@ -522,6 +529,19 @@ class GaussianDiffusion:
     return GaussianDiffusion(new_betas, self.model_mean_type, self.model_var_type,
                              self.loss_type, self.hybrid_lambda, self.min_snr_gamma,
                              timestep_map=self._timestep_map_host.array[kept])
+
+
+def _x0_unrecoverable(betas: np.ndarray) -> bool:
+  """Whether alpha_bar_T = 0 (a beta of 1): x_T carries nothing of x_0."""
+  return bool(np.prod(1.0 - betas) == 0.0)
+
+
+def _x0_unrecoverable_message(betas, what: str) -> str:
+  where = int(np.flatnonzero(np.cumprod(1.0 - betas) == 0.0)[0])
+  return (f"{what} needs p(x_{{t-1}} | x_t) at every t, but beta = {betas[where]!r} at t = "
+          f"{where} makes alpha_bar = 0 from there on, where an 'eps' model cannot predict x_0 "
+          "(x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) is 0/0): use an 'x0' or "
+          "'v' model, the 'cosine' schedule, or more timesteps")
 
 
 def _coefficients(betas: np.ndarray, model_mean_type: str, min_snr_gamma: float):

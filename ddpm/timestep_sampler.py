@@ -4,7 +4,7 @@ Everything is functional so the sampler state lives in the train state, is check
 and all three operations jit:
 
   sampler = timestep_sampler.create("loss_aware", num_timesteps)
-  state = sampler.init_state()                              # pytree of arrays
+  state = sampler.init_state()      # pytree of arrays (init_state(num_timesteps) also accepted)
   t, weights = sampler.sample(state, rng, batch_size)       # t [B] int32, weights [B] float32
   loss = jnp.mean(weights * losses["loss"])                 # unbiased for E_uniform-t[loss]
   state = sampler.update(state, all_t, all_losses)          # any number of (t, loss) pairs
@@ -19,7 +19,7 @@ p_t ~ sqrt(E[L_t^2]), mixed with UNIFORM_PROB = 0.001 of the uniform distributio
 importance weights 1 / (T p_t), which make weighted losses unbiased estimates of the uniform mean.
 Both samplers share the state layout, so a run can switch between them on resume.
 """
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,15 +67,18 @@ def update(state: State, t, losses) -> State:
   history, count, position = state["history"], state["count"], state["position"]
   num_timesteps, keep = history.shape
   # rank[i] = how many earlier pairs of this call share t[i]; total[i] = all pairs sharing t[i].
-  same = t[:, None] == t[None, :]
-  rank = jnp.sum(jnp.tril(same, k=-1), axis=1)
-  total = jnp.sum(same, axis=1)
+  # A stable sort groups equal t in call order: O(N log N) for a gathered global batch.
+  order = jnp.argsort(t, stable=True)
+  t_sorted = t[order]
+  first_of_group = jnp.searchsorted(t_sorted, t_sorted, side="left")
+  rank = jnp.zeros_like(t).at[order].set(jnp.arange(t.shape[0], dtype=t.dtype) - first_of_group)
+  added = jnp.zeros((num_timesteps,), jnp.int32).at[t].add(1)
+  total = added[t]
   slot = (position[t] + rank) % keep
   # Pairs overwritten later in the same call are dropped (scatter order is unspecified), so
   # the remaining (t, slot) targets are distinct.
   row = jnp.where(rank >= total - keep, t, num_timesteps)
   history = history.at[row, slot].set(losses, mode="drop")
-  added = jnp.zeros((num_timesteps,), jnp.int32).at[t].add(1)
   return {
       "history": history,
       "count": jnp.minimum(count + added, keep),
@@ -132,7 +135,7 @@ class TimestepSampler(NamedTuple):
   """The pure functions of one sampler, bound to its number of timesteps."""
   name: str
   num_timesteps: int
-  init_state: Callable[[], State]
+  init_state: Callable[..., State]      # ([num_timesteps]) -> state
   sample: Callable[..., tuple]          # (state, rng, batch_size) -> (t, weights)
   update: Callable[..., State]          # (state, t, losses) -> state
   probs: Callable[[State], jax.Array]   # state -> p [T]
@@ -144,11 +147,18 @@ def create(name: str, num_timesteps: int) -> TimestepSampler:
   if name not in SAMPLER_NAMES:
     raise ValueError(f"unknown timestep sampler {name!r}; valid: {', '.join(SAMPLER_NAMES)}")
   init_state(num_timesteps)  # validates num_timesteps
+
+  def bound_init_state(n: Optional[int] = None) -> State:
+    if n is not None and n != num_timesteps:
+      raise ValueError(f"this {name!r} sampler was created for {num_timesteps} timesteps, "
+                       f"got init_state({n})")
+    return init_state(num_timesteps)
+
   if name == "uniform":
-    return TimestepSampler(name, num_timesteps, lambda: init_state(num_timesteps),
-                           uniform_sample, update, uniform_probs, needs_update=False)
-  return TimestepSampler(name, num_timesteps, lambda: init_state(num_timesteps),
-                         loss_aware_sample, update, loss_aware_probs, needs_update=True)
+    return TimestepSampler(name, num_timesteps, bound_init_state, uniform_sample, update,
+                           uniform_probs, needs_update=False)
+  return TimestepSampler(name, num_timesteps, bound_init_state, loss_aware_sample, update,
+                         loss_aware_probs, needs_update=True)
 
 
 def from_config(config) -> TimestepSampler:

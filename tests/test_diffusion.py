@@ -543,3 +543,21 @@ def test_from_config():
   assert d.hybrid_lambda == 0.01 and d.min_snr_gamma == 5.0
   np.testing.assert_allclose(d.betas, schedules.get_beta_schedule("cosine", 50), rtol=1e-6)
   assert diffusion.from_config(config.diffusion).num_timesteps == 50
+
+
+def test_eps_model_with_zero_alpha_bar_refuses_the_bound():
+  # 'jsd' ends with beta = 1: x_T is pure noise and an eps-model cannot give x_0 there.
+  betas = schedules.get_beta_schedule("jsd", T_SMALL)
+  with pytest.raises(ValueError, match="alpha_bar = 0"):
+    GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid")
+  with pytest.raises(ValueError, match="alpha_bar = 0"):
+    GaussianDiffusion(betas, loss_type="kl")
+  with pytest.raises(ValueError, match="calc_bpd_loop"):
+    GaussianDiffusion(betas).calc_bpd_loop(lambda x, t: x, _images(), jax.random.key(0))
+  # The x0 and v parameterisations are fine there.
+  d = GaussianDiffusion(betas, model_mean_type="v", model_var_type="learned_range",
+                        loss_type="hybrid")
+  noise = jax.random.normal(jax.random.key(1), SHAPE)
+  out = d.training_losses(lambda x, t: jnp.concatenate([x, x], -1), _images(),
+                          jnp.full((4,), T_SMALL - 1), None, noise=noise)
+  assert np.all(np.isfinite(out["loss"]))

@@ -1,4 +1,6 @@
 """Uniform and loss-aware timestep samplers against their definitions (Improved DDPM sec. 3.3)."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,10 +99,32 @@ def test_history_keeps_last_k_in_order(fns):
     np.testing.assert_array_equal(same[key], state[key])
 
 
+def test_update_matches_sequential_reference(fns):
+  """Random calls with many repeated t against appending one by one to deques of length K."""
+  rng = np.random.RandomState(0)
+  reference = [collections.deque(maxlen=K) for _ in range(T)]
+  state = ts.init_state(T)
+  for n in (1, 7, 40, 3, 64):
+    t = rng.randint(0, T, size=n)
+    l = rng.randn(n).astype(np.float32)
+    for ti, li in zip(t, l):
+      reference[ti].append(float(li))
+    state = fns["update"](state, jnp.asarray(t, jnp.int32), jnp.asarray(l))
+    for ti in range(T):
+      count = int(state["count"][ti])
+      assert count == len(reference[ti])
+      got = np.asarray(state["history"][ti])
+      if count == K:
+        np.testing.assert_allclose(np.sort(got), np.sort(reference[ti]))
+      else:  # not yet wrapped around: the first `count` slots in order
+        np.testing.assert_allclose(got[:count], list(reference[ti]))
+
+
 def test_create_and_state_is_checkpointable_pytree():
   for name in ts.SAMPLER_NAMES:
     sampler = ts.create(name, T)
     state = sampler.init_state()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, sampler.init_state(T))
     assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(state))
     t, w = sampler.sample(state, jax.random.key(0), 8)
     state = sampler.update(state, t, jnp.ones((8,)))
@@ -112,5 +136,7 @@ def test_create_and_state_is_checkpointable_pytree():
     ts.create("importance", T)
   with pytest.raises(ValueError, match="num_timesteps"):
     ts.create("uniform", 0)
+  with pytest.raises(ValueError, match="created for 6"):
+    ts.create("uniform", T).init_state(T + 1)
   with pytest.raises(ValueError, match="losses"):
     ts.update(ts.init_state(T), jnp.zeros((3,), jnp.int32), jnp.zeros((4,)))
