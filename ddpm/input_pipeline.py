@@ -1,0 +1,706 @@
+"""Input pipelines: TFDS datasets, image folders and the embedded `digits` set.
+
+Every dataset becomes a random-access *source* of preprocessed `uint8 [S, S, C]` images and int
+labels; one `grain` pipeline on top turns any source into sharded, resumable training batches:
+
+  global stream   position i -> record index, a fresh uniform permutation per epoch (grain's
+                  index shuffle, seeded by `seed` folded with the epoch), repeated forever;
+                  optional horizontal flip drawn per stream position (Philox keyed by position).
+  global batch s  stream positions [s * B, (s + 1) * B), B = training.batch_size.
+  process p       positions [s * B + p * B / P, s * B + (p + 1) * B / P) of every global batch.
+
+So the data a run sees does not depend on how many processes read it: the concatenation of the
+local batches of P processes is exactly the batch a single process would read, and an iterator
+state (the number of batches consumed) resumes on any process count. Only the part a process
+feeds to its devices is read and decoded by it.
+
+Datasets (`config.data.dataset`):
+  digits   scikit-learn's bundled 8x8 handwritten digits (1797 real images, offline), levels
+           0..16 mapped to 0..255, resized to data.image_size with PIL bicubic interpolation.
+           Fixed, seed-independent stratified split: within each class (in the data set's order)
+           every 5th image is a test image (359 test, 1438 train).
+  folder   every png/jpg/jpeg/webp/bmp under data.path (recursive, case-insensitive, sorted),
+           EXIF-rotated, alpha composited on white, converted to RGB or L, centre-cropped to a
+           square and resized to data.image_size (PIL, antialiased bicubic). Unreadable files
+           are skipped with one warning each. Folders have no labels (label 0) and no held-out
+           split: `eval_images` reuses the training images (bits/dim is then a training-set
+           number).
+  TFDS     see `TFDS_DATASETS`. Read with `tfds.data_source` (array_record files, random
+           access, no TensorFlow needed): prepare the dataset once with
+           `tfds build <name> --file_format=array_record [--data_dir=...]`.
+
+`config.data.shuffle_buffer` is not used: grain shuffles globally by index (an exact uniform
+permutation per epoch), which a shuffle buffer only approximates.
+"""
+import concurrent.futures
+import copy
+import dataclasses
+import math
+import os
+import queue
+import threading
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Preprocessed folder images are kept in memory when they take at most this many bytes;
+# larger folders are decoded again on every read (after one validating pass at start-up).
+FOLDER_CACHE_BYTES = 2 << 30
+# MNIST-like 28x28 images are zero-padded (not resized) to image_size when it exceeds 28 by at
+# most this much (the usual 28 -> 32 padding keeps the pixels exact).
+_MAX_PAD = 4
+_REFERENCE_SEED = 20200619  # fixed order of `reference_images`, independent of the run's seed
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+  """How one TFDS dataset is read and preprocessed."""
+  train_split: str
+  eval_split: str
+  label_key: Optional[str] = None
+  # Centre crop applied before the square crop and resize, as (height, width); None = none.
+  crop: Optional[Tuple[int, int]] = None
+  resample: int = Image.Resampling.BICUBIC
+  pad_small: bool = False  # zero-pad by up to _MAX_PAD pixels instead of resizing
+  note: str = ""
+
+
+TFDS_DATASETS = {
+    "mnist": _TfdsSpec("train", "test", "label", pad_small=True),
+    "fashion_mnist": _TfdsSpec("train", "test", "label", pad_small=True),
+    "cifar10": _TfdsSpec("train", "test", "label"),
+    # score_sde (Song et al. 2021) CelebA 64x64: central 140x140 crop of the 218x178 aligned
+    # images, then an antialiased bilinear resize to image_size.
+    "celeb_a": _TfdsSpec("train", "test", crop=(140, 140), resample=Image.Resampling.BILINEAR),
+    # CelebA-HQ has only a train split: eval images reuse it.
+    "celeb_a_hq/256": _TfdsSpec("train", "train", note="no test split: eval reuses train"),
+    # DDPM / score_sde LSUN: centre crop to a square, antialiased bicubic resize.
+    "lsun/church_outdoor": _TfdsSpec("train", "validation"),
+    "lsun/bedroom": _TfdsSpec("train", "validation"),
+    # Downsampled ImageNet (van den Oord et al. 2016) has no labels in TFDS; bits/dim is
+    # reported on its validation split.
+    "downsampled_imagenet/32x32": _TfdsSpec("train", "validation"),
+    "downsampled_imagenet/64x64": _TfdsSpec("train", "validation"),
+}
+SUPPORTED_DATASETS = ("digits", "folder") + tuple(TFDS_DATASETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing (PIL).
+# ---------------------------------------------------------------------------------------------
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  """image: uint8 [H, W, C] with C in (1, 3, 4) -> PIL image."""
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  return Image.fromarray(np.ascontiguousarray(image))
+
+
+def _convert_mode(img: Image.Image, channels: int) -> Image.Image:
+  """Any PIL mode -> 'L' (channels=1) or 'RGB' (channels=3); transparency composited on white."""
+  if img.mode.startswith("I"):
+    # 16-bit greyscale PNGs open as I;16 (or I): scale 0..65535 to 0..255 rather than clip.
+    levels = np.asarray(img, dtype=np.float64)
+    img = Image.fromarray(np.clip(np.round(levels / 257.0), 0, 255).astype(np.uint8), "L")
+  elif img.mode == "F":
+    raise ValueError("floating-point images (PIL mode F) have no defined 0..255 range")
+  has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+      img.mode == "P" and "transparency" in img.info)
+  if has_alpha:
+    # Transparent pixels have arbitrary colour values; show them over a white background, as
+    # image viewers do, instead of keeping whatever colour hides under alpha = 0.
+    rgba = img.convert("RGBA")
+    img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+  return img.convert("L" if channels == 1 else "RGB")
+
+
+def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+  w, h = img.size
+  height, width = min(height, h), min(width, w)
+  top, left = (h - height) // 2, (w - width) // 2
+  return img.crop((left, top, left + width, top + height))
+
+
+def preprocess_image(img: Image.Image, image_size: int, channels: int, *,
+                     crop: Optional[Tuple[int, int]] = None,
+                     resample: int = Image.Resampling.BICUBIC,
+                     pad_small: bool = False) -> np.ndarray:
+  """Converts, centre-crops and resizes one image.
+
+  Args:
+    img: a PIL image of any mode and size.
+    image_size: output side S.
+    channels: 1 (L) or 3 (RGB).
+    crop: optional (height, width) centre crop applied first (e.g. CelebA's 140x140).
+    resample: PIL filter; Pillow widens the filter support by the reduction factor when
+      shrinking, so downsampling is antialiased.
+    pad_small: zero-pad (centred) instead of resizing when S exceeds the side by <= 4 pixels.
+  Returns:
+    uint8 [S, S, channels].
+  """
+  img = _convert_mode(img, channels)
+  if crop is not None:
+    img = _center_crop(img, *crop)
+  side = min(img.size)
+  img = _center_crop(img, side, side)
+  if side != image_size:
+    if pad_small and side < image_size <= side + _MAX_PAD:
+      canvas = Image.new(img.mode, (image_size, image_size), 0)
+      offset = (image_size - side) // 2
+      canvas.paste(img, (offset, offset))
+      img = canvas
+    else:
+      img = img.resize((image_size, image_size), resample=resample)
+  out = np.asarray(img, dtype=np.uint8)
+  return out[..., None] if out.ndim == 2 else out
+
+
+def load_image_file(path: str, image_size: int, channels: int) -> np.ndarray:
+  """Decodes and preprocesses one image file -> uint8 [S, S, channels].
+
+  Raises whatever PIL raises for an unreadable, truncated or non-image file.
+  """
+  with Image.open(path) as img:
+    # JPEG only: decode at the smallest 1/2^k scale that is still >= image_size on both sides
+    # (much faster for large photos; the antialiased resize below does the rest).
+    img.draft(None, (image_size, image_size))
+    img = ImageOps.exif_transpose(img)  # camera photos carry their rotation in EXIF
+    img.load()
+    return preprocess_image(img, image_size, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-access sources: len(src) and src[i] -> (uint8 [S, S, C] image, int label).
+# ---------------------------------------------------------------------------------------------
+
+class ArraySource:
+  """Images already preprocessed in memory."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images = images
+    self.labels = labels.astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int):
+    return self.images[index], int(self.labels[index])
+
+
+class TfdsSource:
+  """A `tfds.data_source` split, preprocessed on read."""
+
+  def __init__(self, source, spec: _TfdsSpec, image_size: int, channels: int):
+    self.source, self.spec = source, spec
+    self.image_size, self.channels = image_size, channels
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    record = self.source[int(index)]
+    image = preprocess_image(_to_pil(np.asarray(record["image"])), self.image_size,
+                             self.channels, crop=self.spec.crop, resample=self.spec.resample,
+                             pad_small=self.spec.pad_small)
+    label = int(record[self.spec.label_key]) if self.spec.label_key else 0
+    return image, label
+
+
+class FolderSource:
+  """Image files under a folder; validated once at construction."""
+
+  def __init__(self, root: str, image_size: int, channels: int,
+               cache_bytes: int = FOLDER_CACHE_BYTES):
+    self.root, self.image_size, self.channels = root, image_size, channels
+    candidates, ignored = _list_image_files(root)
+    if not candidates:
+      raise ValueError(f"data.path={root!r}: no images found (searched recursively for files "
+                       f"ending in {', '.join(IMAGE_EXTENSIONS)}, case-insensitive; "
+                       f"{ignored} other file(s) ignored)")
+    cache = len(candidates) * image_size * image_size * channels <= cache_bytes
+
+    def try_load(path):
+      try:
+        image = load_image_file(path, image_size, channels)
+        return image if cache else True
+      except Exception as e:  # pylint: disable=broad-except
+        return e
+
+    workers = min(32, (os.cpu_count() or 1) + 2)  # PIL decoding releases the GIL
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      results = list(pool.map(try_load, candidates))
+    self.paths, images = [], []
+    for path, result in zip(candidates, results):
+      if isinstance(result, Exception):
+        reason = " ".join(f"{type(result).__name__}: {result}".split())
+        logging.warning("Skipping unreadable image %s (%s)", path, reason)
+        continue
+      self.paths.append(path)
+      if cache:
+        images.append(result)
+    skipped = len(candidates) - len(self.paths)
+    logging.info("Image folder %s: %d images, %d unreadable file(s) skipped, %d non-image "
+                 "file(s) ignored%s.", root, len(self.paths), skipped, ignored,
+                 "" if cache else " (decoded on every read: too large to cache)")
+    if not self.paths:
+      raise ValueError(f"data.path={root!r}: none of the {len(candidates)} image file(s) could "
+                       f"be read (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    self.images = np.stack(images) if cache else None
+    self.num_skipped = skipped
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int):
+    if self.images is not None:
+      return self.images[index], 0
+    path = self.paths[index]
+    try:
+      return load_image_file(path, self.image_size, self.channels), 0
+    except Exception as e:
+      raise OSError(f"image {path} was readable at start-up but now fails: {e}") from e
+
+
+def _list_image_files(root: str) -> Tuple[list, int]:
+  """Sorted image paths under `root` (recursive) and the number of other files ignored."""
+  if not os.path.exists(root):
+    raise FileNotFoundError(f"data.path={root!r} does not exist (expected a folder of "
+                            f"{', '.join(IMAGE_EXTENSIONS)} images)")
+  if not os.path.isdir(root):
+    raise ValueError(f"data.path={root!r} is not a folder (expected a folder of "
+                     f"{', '.join(IMAGE_EXTENSIONS)} images)")
+  paths, ignored = [], 0
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    for name in filenames:
+      if name.startswith("."):
+        continue  # .DS_Store, editor swap files, ...
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(dirpath, name))
+      else:
+        ignored += 1
+  return sorted(paths), ignored
+
+
+def _digits_sources(image_size: int, channels: int):
+  """scikit-learn's 8x8 digits -> (train, test) ArraySources; fixed stratified split."""
+  from sklearn import datasets as sk_datasets
+  digits = sk_datasets.load_digits()
+  levels = np.asarray(digits.images, dtype=np.float64)  # [1797, 8, 8], integers 0..16
+  images = np.round(levels * (255.0 / 16.0)).astype(np.uint8)
+  labels = np.asarray(digits.target, dtype=np.int32)
+  if image_size != 8:
+    images = np.stack([np.asarray(Image.fromarray(im).resize(
+        (image_size, image_size), resample=Image.Resampling.BICUBIC)) for im in images])
+  images = images[..., None]
+  if channels == 3:
+    images = np.repeat(images, 3, axis=-1)
+  is_test = np.zeros(len(labels), dtype=bool)
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    is_test[members[4::5]] = True  # every 5th image of each class: a stratified 20% test split
+  return (ArraySource(images[~is_test], labels[~is_test]),
+          ArraySource(images[is_test], labels[is_test]))
+
+
+def _tfds_sources(name: str, data_dir: str, image_size: int, channels: int):
+  """(train, test, num_classes) for a TFDS dataset read with tfds.data_source."""
+  import tensorflow_datasets as tfds
+  spec = TFDS_DATASETS[name]
+  where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+
+  def open_split(split):
+    try:
+      return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                              builder_kwargs={"file_format": "array_record"})
+    except Exception as e:
+      manual = ""
+      if name.startswith("celeb_a_hq"):
+        manual = (f" {name} needs a manual download first: put the files described at "
+                  "https://www.tensorflow.org/datasets/catalog/celeb_a_hq into "
+                  f"{os.path.join(where, 'downloads', 'manual')}, then build it.")
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) is not available as array_record files in "
+          f"data.tfds_data_dir={where!r}.{manual} This pipeline reads TFDS with "
+          "tfds.data_source (no TensorFlow needed), which requires array_record files: prepare "
+          f"it once with `tfds build {name} --file_format=array_record --data_dir={where}` "
+          f"(needs internet and TensorFlow). TFDS said: {type(e).__name__}: {e}") from e
+
+  train = open_split(spec.train_split)
+  test = train if spec.eval_split == spec.train_split else open_split(spec.eval_split)
+  num_classes = 0
+  if spec.label_key:
+    num_classes = int(train.dataset_info.features[spec.label_key].num_classes)
+  if spec.note:
+    logging.info("%s: %s", name, spec.note)
+  return (TfdsSource(train, spec, image_size, channels),
+          TfdsSource(test, spec, image_size, channels), num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training iterator.
+# ---------------------------------------------------------------------------------------------
+
+class _DrawFlip(grain.transforms.RandomMap):
+  """stream record index -> (record index, flip?) with the flip drawn per stream position."""
+
+  def random_map(self, element, rng: np.random.Generator):
+    return element, bool(rng.integers(2))
+
+
+class _NoFlip(grain.transforms.Map):
+
+  def map(self, element):
+    return element, False
+
+
+class _LoadBatch(grain.transforms.Map):
+  """(indices [b], flips [b]) -> dict(image=float32 [b, S, S, C] in [-1, 1], label=int32 [b])."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def map(self, element):
+    indices, flips = element
+    records = [self.source[int(i)] for i in indices]
+    images = np.stack([image for image, _ in records])
+    labels = np.asarray([label for _, label in records], dtype=np.int32)
+    flips = np.asarray(flips, dtype=bool)
+    images[flips] = images[flips, :, ::-1]  # horizontal: reverse the width axis
+    return {"image": images.astype(np.float32) / 127.5 - 1.0, "label": labels}
+
+
+class TrainIterator:
+  """Infinite iterator over this process's part of every global training batch.
+
+  `next(it)` -> dict(image=np.float32 [B_local, S, S, C] in [-1, 1], label=np.int32 [B_local]).
+  `get_state()` is a small JSON-serialisable dict whose position is the number of global batches
+  consumed; `set_state(state)` makes the following batches exactly those that followed when the
+  state was taken, whatever the process count or data.num_workers of either run.
+  """
+
+  def __init__(self, source, *, dataset: str, global_batch_size: int, process_index: int,
+               process_count: int, seed: int, random_flip: bool, num_workers: int = 0):
+    self.local_batch_size = global_batch_size // process_count
+    # What fixes the stream: a state saved under other values would point into another stream.
+    self._meta = {"dataset": dataset, "num_records": len(source),
+                  "global_batch_size": global_batch_size, "seed": seed}
+    self._num_workers = num_workers
+    ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+    ds = ds.random_map(_DrawFlip()) if random_flip else ds.map(_NoFlip())
+    # Cut the global stream into local-batch-sized pieces; process p takes pieces p, p + P, ...
+    ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    self._batches = ds[process_index::process_count].map(_LoadBatch(source))
+    self._it = None  # grain iterator, started on the first next() (after any set_state)
+    self._next_batch = 0
+
+  def _start(self):
+    """Starts reading at local batch `self._next_batch` (= global batch `self._next_batch`)."""
+    threads = max(1, min(8, (os.cpu_count() or 1) // 2))
+    it_ds = self._batches[self._next_batch:].to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+    if self._num_workers > 0:
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    self._it = iter(it_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self._it is None:
+      self._start()
+    batch = next(self._it)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> Dict[str, Any]:
+    return {**self._meta, "next_batch": self._next_batch}
+
+  def set_state(self, state: Dict[str, Any]):
+    # Checkpoint formats may hand back numpy scalars / 0-d arrays for the ints.
+    position = np.asarray(state.get("next_batch") if isinstance(state, dict) else None)
+    if position.ndim or position.dtype.kind not in "iu" or position < 0:
+      raise ValueError(f"not a training-iterator state: {state!r}")
+    diff = {k: (state.get(k), v) for k, v in self._meta.items() if state.get(k) != v}
+    if diff:
+      raise ValueError("cannot restore the input pipeline: the saved state belongs to another "
+                       "data stream (saved vs now): " +
+                       ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+    self.close()
+    self._next_batch = int(position)
+
+  def close(self):
+    """Stops grain's background threads and worker processes (next() starts them again)."""
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+
+# ---------------------------------------------------------------------------------------------
+# create_datasets.
+# ---------------------------------------------------------------------------------------------
+
+class Datasets:
+  """What `create_datasets` returns: the training iterator, eval/reference images and info."""
+
+  def __init__(self, train_iter: TrainIterator, train_source, test_source, info: Dict[str, Any],
+               process_index: int, process_count: int):
+    self.train_iter = train_iter
+    self.info = info
+    self._train, self._test = train_source, test_source
+    self._process_index, self._process_count = process_index, process_count
+
+  def eval_images(self, num: int) -> np.ndarray:
+    """This process's share of the first `num` test images: uint8 [num // P, S, S, C].
+
+    Process p gets test images [p * num // P, (p + 1) * num // P): disjoint across processes.
+    """
+    num = int(num)
+    if not 0 <= num <= len(self._test):
+      raise ValueError(f"eval_images({num}): the {self.info['dataset']} eval split has "
+                       f"{len(self._test)} images; ask for at most that many "
+                       "(eval.bpd_num_images)")
+    share = num // self._process_count
+    start = self._process_index * share
+    return _read_images(self._test, range(start, start + share), self.info)
+
+  def reference_images(self, num: int) -> np.ndarray:
+    """`num` training images for FID reference statistics: uint8 [num, S, S, C].
+
+    A fixed (seed-independent) uniformly random subset, the same on every process.
+    """
+    num = int(num)
+    if not 0 <= num <= len(self._train):
+      raise ValueError(f"reference_images({num}): the {self.info['dataset']} training split "
+                       f"has {len(self._train)} images; ask for at most that many")
+    order = grain.MapDataset.range(len(self._train)).shuffle(seed=_REFERENCE_SEED)
+    return _read_images(self._train, [order[i] for i in range(num)], self.info)
+
+
+def _read_images(source, indices: Sequence[int], info) -> np.ndarray:
+  """source[i] images for i in indices, read in threads -> uint8 [len(indices), S, S, C]."""
+  out = np.zeros((len(indices), info["image_size"], info["image_size"], info["channels"]),
+                 np.uint8)
+  if len(indices) == 0:
+    return out
+  ds = grain.MapDataset.source(list(indices)).map(lambda i: source[int(i)][0])
+  threads = max(1, min(16, os.cpu_count() or 1))
+  for k, image in enumerate(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=4 * threads))):
+    out[k] = image
+  return out
+
+
+def _check_batch_size(batch_size: int, process_count: int, device_count: int):
+  if batch_size <= 0:
+    raise ValueError(f"training.batch_size={batch_size} must be positive")
+  if batch_size % process_count:
+    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
+                     f"{process_count} processes; use a multiple of {process_count}")
+  if batch_size % device_count:
+    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
+                     f"{device_count} devices; use a multiple of {device_count}")
+
+
+def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
+                    process_count: Optional[int] = None) -> Datasets:
+  """Builds the training iterator, eval images and info for `config.data`.
+
+  Args:
+    config: the experiment config (uses config.data.* and config.training.batch_size, the
+      global batch size).
+    seed: seed of the shuffling and flips (>= 0).
+    process_index, process_count: default to jax.process_index() / jax.process_count(); pass
+      them to simulate several hosts.
+  Returns:
+    a `Datasets` with `train_iter`, `eval_images(num)`, `reference_images(num)` and `info`
+    (num_train, num_test, num_classes, image_size, channels, dataset).
+  Raises:
+    ValueError: naming the bad config key (batch size, channels, image size, dataset, ...).
+    FileNotFoundError: for a missing image folder or an unprepared TFDS dataset.
+  """
+  data = config.data
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  _check_batch_size(config.training.batch_size, process_count, jax.device_count())
+  if data.channels not in (1, 3):
+    raise ValueError(f"data.channels={data.channels!r} must be 1 (greyscale) or 3 (RGB)")
+  if data.image_size <= 0:
+    raise ValueError(f"data.image_size={data.image_size!r} must be positive")
+  if seed < 0:
+    raise ValueError(f"seed={seed} must be >= 0")
+  if data.num_workers < 0:
+    raise ValueError(f"data.num_workers={data.num_workers} must be >= 0")
+
+  name = data.dataset
+  base = name.split(":")[0]  # allow a pinned TFDS version, e.g. mnist:3.0.1
+  if name == "digits":
+    train, test = _digits_sources(data.image_size, data.channels)
+    num_classes = 10
+  elif name == "folder":
+    if not data.path:
+      raise ValueError("data.path must name a folder of images when data.dataset='folder'")
+    train = FolderSource(os.path.expanduser(data.path), data.image_size, data.channels)
+    test, num_classes = train, 0
+  elif base in TFDS_DATASETS:
+    train, test, num_classes = _tfds_sources(name, data.tfds_data_dir, data.image_size,
+                                             data.channels)
+  else:
+    raise ValueError(f"data.dataset={name!r} is not supported; choose one of "
+                     f"{', '.join(SUPPORTED_DATASETS)}")
+  if data.num_classes and data.num_classes != num_classes:
+    have = f"has {num_classes} classes" if num_classes else "has no labels"
+    raise ValueError(f"data.num_classes={data.num_classes} but {name} {have}; set "
+                     f"data.num_classes={num_classes}")
+  if len(train) < config.training.batch_size:
+    logging.warning("%s has %d training images, fewer than training.batch_size=%d: batches "
+                    "repeat images.", name, len(train), config.training.batch_size)
+
+  info = {"dataset": name, "num_train": len(train), "num_test": len(test),
+          "num_classes": num_classes, "image_size": data.image_size,
+          "channels": data.channels}
+  train_iter = TrainIterator(train, dataset=name, global_batch_size=config.training.batch_size,
+                             process_index=process_index, process_count=process_count,
+                             seed=int(seed), random_flip=bool(data.random_flip),
+                             num_workers=int(data.num_workers))
+  logging.info("Input pipeline %s: %d train / %d eval images, %dx%dx%d, %d classes, process "
+               "%d/%d reads %d of every %d images per batch.", name, len(train), len(test),
+               data.image_size, data.image_size, data.channels, num_classes, process_index,
+               process_count, train_iter.local_batch_size, config.training.batch_size)
+  return Datasets(train_iter, train, test, info, process_index, process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefetching onto the device mesh.
+# ---------------------------------------------------------------------------------------------
+
+class _Raised:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+def _check_sharding(sharding, stack: int):
+  """The batch axis (0, or 1 for stacked batches) must be the only partitioned axis."""
+  if not isinstance(sharding, jax.sharding.Sharding):
+    raise TypeError(f"sharding must be a jax.sharding.Sharding, got {sharding!r}")
+  spec = getattr(sharding, "spec", None)
+  if spec is None:
+    return
+  batch_axis = 1 if stack > 1 else 0
+  split = [i for i, axes in enumerate(spec) if axes is not None]
+  if split and split != [batch_axis]:
+    layout = "[k, B, ...] (stack > 1)" if stack > 1 else "[B, ...] (stack=1)"
+    want = "P(None, 'data')" if stack > 1 else "P('data')"
+    raise ValueError(f"prefetch_to_mesh(stack={stack}) yields {layout} batches, but the "
+                     f"sharding {spec} partitions axes {split}; use e.g. {want}")
+
+
+class DevicePrefetchIterator:
+  """Yields global jax.Arrays of (stacked) batches, `size` of them built ahead in a thread.
+
+  get_state()/set_state() refer to the batches the consumer has taken, not those prefetched.
+  """
+
+  def __init__(self, it, sharding, size: int = 2, stack: int = 1):
+    if size < 1:
+      raise ValueError(f"prefetch size={size} must be >= 1 (data.prefetch)")
+    if stack < 1:
+      raise ValueError(f"stack={stack} must be >= 1 (training.steps_per_dispatch)")
+    _check_sharding(sharding, stack)
+    self._it, self._sharding, self._size, self._stack = it, sharding, size, stack
+    self._state = copy.deepcopy(it.get_state())
+    self._thread = None
+    self._start()
+
+  def _start(self):
+    self._queue = queue.Queue()
+    # One slot per batch built ahead of the consumer: at most `size` exist at any time.
+    self._slots = threading.Semaphore(self._size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce,
+                                    args=(self._queue, self._slots, self._stop),
+                                    name="prefetch_to_mesh", daemon=True)
+    self._thread.start()
+
+  def _produce(self, out: queue.Queue, slots: threading.Semaphore, stop: threading.Event):
+    try:
+      while True:
+        while not slots.acquire(timeout=0.05):
+          if stop.is_set():
+            return
+        if stop.is_set():
+          return
+        batches = [next(self._it) for _ in range(self._stack)]
+        local = batches[0] if self._stack == 1 else jax.tree.map(
+            lambda *xs: np.stack(xs), *batches)
+        state = copy.deepcopy(self._it.get_state())
+        # Transfer here, in the background, so host-to-device copies overlap the step.
+        out.put((jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self._sharding, x), local), state))
+    except BaseException as e:  # pylint: disable=broad-except
+      out.put((_Raised(e), None))  # StopIteration of a finite iterator included
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      raise RuntimeError("prefetch_to_mesh iterator was closed")
+    item, state = self._queue.get()
+    if isinstance(item, _Raised):
+      self._queue.put((item, None))  # keep raising on later calls too
+      if isinstance(item.error, StopIteration):
+        raise StopIteration
+      raise item.error
+    self._slots.release()
+    self._state = state
+    return item
+
+  def get_state(self):
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state):
+    self.close()
+    self._it.set_state(copy.deepcopy(state))
+    self._state = copy.deepcopy(state)
+    self._start()
+
+  def close(self):
+    """Stops the background thread (batches prefetched but not taken are dropped)."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def prefetch_to_mesh(it, sharding, size: int = 2, stack: int = 1) -> DevicePrefetchIterator:
+  """Wraps a training iterator: global jax.Arrays on `sharding`, prefetched in a thread.
+
+  Args:
+    it: an iterator of dicts of np arrays [B_local, ...] with get_state()/set_state()
+      (e.g. `create_datasets(...).train_iter`).
+    sharding: the sharding of every array of a (stacked) batch, e.g.
+      NamedSharding(mesh, P('data')) for stack=1 or NamedSharding(mesh, P(None, 'data'))
+      for stack > 1. Each process passes its local part; the global batch axis is the
+      concatenation over processes (jax.make_array_from_process_local_data).
+    size: batches built ahead (data.prefetch).
+    stack: k > 1 stacks k consecutive batches into [k, B, ...] (k optimizer steps per
+      compiled call); stack=1 yields [B, ...].
+  Returns:
+    an iterator with get_state()/set_state() referring to the batches taken by the consumer.
+  """
+  return DevicePrefetchIterator(it, sharding, size=size, stack=stack)
