@@ -39,11 +39,13 @@ i = 0, k, 2k, ... < NFE (i = 0 is the initial noise x_T; for 'heun' the inputs o
 evaluations are the Euler-predicted points), then the final x_0: K = ceil(NFE / k) + 1 frames,
 stacked as [K, B, H, W, C]. `num_intermediates` gives K.
 
-Classifier-free guidance (Ho & Salimans 2022): with w = guidance_scale > 0 the model is called
-once per step on the doubled batch [x, x] with labels [y, null_label] and the first C output
+Classifier-free guidance (Ho & Salimans 2022): with w = guidance_scale > 0 the first C output
 channels (eps, x0 or v: all affine in eps with the same offset, so the combination is the same
-in every parameterisation) become (1 + w) out_c - w out_u; learned-variance channels are taken
-from the conditional half (as GLIDE does). Labels enter as
+in every parameterisation) become (1 + w) out(y) - w out(null); learned-variance channels are
+taken from the conditional prediction (as GLIDE does). With `null_label` (the class index the
+model learned for dropped labels; config.data.num_classes in this codebase) both come from one
+call per step on the doubled batch [x, x] with labels [y, null_label]; with null_label None the
+unconditional prediction is a second call with y = None. Labels enter as
   `sample(...)`:       model_fn(x_t, t) unconditionally, model_fn(x_t, t, y) when `y` is given;
   `make_sampler(...)`: apply_fn(params, x_t, t, y) with y None for unconditional models.
 """
@@ -152,24 +154,27 @@ def guided_model_fn(model_fn: Callable, y: Array, guidance_scale: float,
     model_fn: fn(x_t [B, H, W, C], t [B] int32, y [B] int32) -> output [B, H, W, C or 2C].
     y: int [B] class labels.
     guidance_scale: w >= 0; 0 is plain conditional sampling (one call on B examples).
-    null_label: the label the model was trained to read as "no class" (needed when w > 0).
+    null_label: the label the model was trained to read as "no class": the conditional and
+      unconditional predictions come from ONE call on the doubled batch. None: the
+      unconditional prediction is model_fn(x_t, t, None) (a second call).
     channels: C, the channels of the eps/x0/v part of the output.
   Returns:
     fn(x_t, t) -> output, with the first C channels (1 + w) out(y) - w out(null) when w > 0
-    (Ho & Salimans 2022, eq. 6) from one call on the doubled batch.
+    (Ho & Salimans 2022, eq. 6); any further (variance) channels from out(y).
   """
   if guidance_scale == 0:
     return lambda x, t: model_fn(x, t, y)
-  if null_label is None:
-    raise ValueError("classifier-free guidance (guidance_scale > 0) needs null_label, the label "
-                     "the model was trained with for dropped classes")
   w = guidance_scale
 
   def fn(x, t):
     b = x.shape[0]
-    null = jnp.full_like(y, null_label)
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]))
-    out_c, out_u = out[:b], out[b:]
+    if null_label is None:
+      out_c, out_u = model_fn(x, t, y), model_fn(x, t, None)
+    else:
+      null = jnp.full_like(y, null_label)
+      out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([y, null]))
+      out_c, out_u = out[:b], out[b:]
     guided = (1.0 + w) * out_c[..., :channels] - w * out_u[..., :channels]
     return jnp.concatenate([guided, out_c[..., channels:]], axis=-1)
 
@@ -180,7 +185,7 @@ def _conditioned_model_fn(model_fn, y, guidance_scale, null_label, channels):
   """The 2-argument model the loop calls, from sample()'s model_fn and optional labels."""
   if y is None:
     if guidance_scale > 0:
-      raise ValueError("guidance_scale > 0 needs class labels y (and null_label)")
+      raise ValueError("guidance_scale > 0 needs class labels y")
     return model_fn
   return guided_model_fn(model_fn, y, guidance_scale, null_label, channels)
 
@@ -327,12 +332,9 @@ def _as_key(rng) -> Array:
   return jax.random.wrap_key_data(rng)
 
 
-def _check_labels(y, batch, guidance_scale, null_label):
+def _check_labels(y, batch, guidance_scale):
   if guidance_scale > 0 and y is None:
-    raise ValueError("guidance_scale > 0 needs class labels y (and null_label)")
-  if guidance_scale > 0 and null_label is None:
-    raise ValueError("classifier-free guidance (guidance_scale > 0) needs null_label, the label "
-                     "the model was trained with for dropped classes")
+    raise ValueError("guidance_scale > 0 needs class labels y")
   if y is not None and tuple(jnp.shape(y)) != (batch,):
     raise ValueError(f"y has shape {tuple(jnp.shape(y))}, expected ({batch},)")
 
@@ -365,10 +367,11 @@ def sample(diffusion, model_fn: Callable, shape: Sequence[int], rng, method: str
     eta: DDIM's eta (method 'ddim' only).
     clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
     spacing: 'uniform' or 'quadratic' selection of the N timesteps.
-    guidance_scale: classifier-free guidance weight w (needs `y` and `null_label`).
+    guidance_scale: classifier-free guidance weight w (needs `y`).
     intermediate_every: k > 0 also returns the frames described in the module docstring.
     y: int [B] class labels for class-conditional models.
-    null_label: the label meaning "no class" (classifier-free guidance).
+    null_label: the label meaning "no class" for guidance (one doubled-batch call per step);
+      None: the unconditional prediction is model_fn(x_t, t, None) (a second call).
     noise: optional x_T [B, H, W, C] to start from (else drawn from rng).
   Returns:
     x_0 float32 [B, H, W, C], or (x_0, intermediates [K, B, H, W, C]) when intermediate_every > 0.
@@ -376,7 +379,7 @@ def sample(diffusion, model_fn: Callable, shape: Sequence[int], rng, method: str
   shape = _check_shape(shape)
   _check_args(method, eta, spacing, guidance_scale, intermediate_every)
   _check_noise(noise, shape)
-  _check_labels(y, shape[0], guidance_scale, null_label)
+  _check_labels(y, shape[0], guidance_scale)
   plan = _build_plan(diffusion, method, num_steps, eta, spacing)
   key = _as_key(rng)
 
@@ -412,8 +415,6 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
   shape = _check_shape(shape)
   _check_args(method, eta, spacing, guidance_scale, intermediate_every)
   plan = _build_plan(diffusion, method, num_steps, eta, spacing)
-  if guidance_scale > 0 and null_label is None:
-    raise ValueError("classifier-free guidance (guidance_scale > 0) needs null_label")
   n_dev = 1 if mesh is None else mesh.shape[DATA_AXIS]
   if shape[0] % n_dev:
     raise ValueError(f"batch {shape[0]} is not divisible by the {n_dev} devices of the mesh")
@@ -439,7 +440,7 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
                                      out_specs=out_specs))
 
   def sampler(params, rng, y=None, noise=None):
-    _check_labels(y, shape[0], guidance_scale, null_label)
+    _check_labels(y, shape[0], guidance_scale)
     _check_noise(noise, shape)
     key = _as_key(rng)
     if mesh is not None and jax.process_count() == 1:

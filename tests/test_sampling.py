@@ -357,9 +357,17 @@ def test_guidance(diff):
   rng = jax.random.key(0)
   model = optimal_model()
   kw = dict(method="ddim", num_steps=10, clip_denoised=False)
-  cond = sampling.sample(diff, lambda x, t: model(x, t, y), shape, rng, **kw)
+  conditional = sampling.make_sampler(diff, optimal_apply(), shape, **kw)
+  cond = conditional(params(), rng, y)
   w0 = sampling.sample(diff, model, shape, rng, guidance_scale=0.0, y=y, null_label=null, **kw)
-  np.testing.assert_array_equal(w0, cond)
+  np.testing.assert_allclose(w0, cond, atol=1e-6)
+  # null_label None: the unconditional prediction is apply_fn(params, x, t, None), here the
+  # optimal model, so (1 + w) eps(y) - w eps(None) = optimal + shift (1 + w) y.
+  guided = sampling.make_sampler(diff, optimal_apply(), shape, guidance_scale=w, **kw)(
+      params(), rng, y)
+  np.testing.assert_allclose(
+      guided, conditional(params(label_shift=(1 + w) * PARAMS["label_shift"]), rng, y),
+      atol=1e-4)
   # w > 0 (compiled path): (1 + w) eps(y) - w eps(null) = optimal + shift ((1 + w) y - w null).
   # Variance channels must come from the conditional half: v = -1 (beta tilde) there, the null
   # half answers v = +1, so the result is ancestral sampling with fixed_small variances.
@@ -424,9 +432,9 @@ def test_bad_arguments(diff):
     sampling.sample(diff, model, shape, rng, method="ddim", eta=-1.0)
   with pytest.raises(ValueError, match="needs class labels"):
     sampling.sample(diff, model, shape, rng, guidance_scale=1.0)
-  with pytest.raises(ValueError, match="null_label"):
+  with pytest.raises(ValueError, match=r"y has shape \(3,\), expected \(2,\)"):
     sampling.sample(diff, optimal_model(), shape, rng, guidance_scale=1.0,
-                    y=jnp.zeros(2, jnp.int32))
+                    y=jnp.zeros(3, jnp.int32))
   with pytest.raises(ValueError, match="intermediate_every"):
     sampling.sample(diff, model, shape, rng, intermediate_every=-1)
   with pytest.raises(ValueError, match="noise has shape"):
