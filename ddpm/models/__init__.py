@@ -1,0 +1,57 @@
+"""Model construction from a config: training, sampling and evaluation all call `build_model`."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm import config_validation
+from ddpm.models.unet import UNet, timestep_embedding
+
+__all__ = ["UNet", "build_model", "count_params", "timestep_embedding", "COMPUTE_DTYPES"]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict) -> UNet:
+  """The U-Net described by a config shaped like configs/default.py.
+
+  Image channels come from config.data.channels, labels from config.data.num_classes, the
+  learned variance from config.diffusion.model_var_type ('learned' / 'learned_range'), the
+  computation dtype from config.training.compute_dtype and everything else from config.model.
+  """
+  m = config.model
+  if m.name != "unet":
+    raise ValueError(f"config.model.name: unknown model {m.name!r} (available: 'unet')")
+  dtype_name = config.training.compute_dtype
+  if dtype_name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.training.compute_dtype: {dtype_name!r} is not one of "
+                     f"{', '.join(map(repr, COMPUTE_DTYPES))}")
+  return UNet(
+      ch=m.ch,
+      out_ch=config.data.channels,
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions),
+      dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv,
+      num_heads=m.num_heads,
+      num_head_channels=m.num_head_channels,
+      use_scale_shift_norm=m.use_scale_shift_norm,
+      resblock_updown=m.resblock_updown,
+      learn_sigma=config_validation.learns_sigma(config),
+      num_classes=config.data.num_classes,
+      dtype=COMPUTE_DTYPES[dtype_name],
+      remat=m.remat,
+  )
+
+
+def count_params(model: UNet, image_size: int, channels: int) -> int:
+  """Number of parameters of `model` on [image_size, image_size, channels] images.
+
+  Uses jax.eval_shape: nothing is allocated or computed, so this is cheap for any model size.
+  """
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))

@@ -1,0 +1,362 @@
+"""The DDPM U-Net (Ho et al. 2020, App. B) in Flax linen, with the Improved-DDPM / ADM options.
+
+With the default options this is the architecture of the official TF code
+(hojonathanho/diffusion, diffusion_tf/models/unet.py): a PixelCNN++-style U-Net of wide
+residual blocks with GroupNorm, swish, a sinusoidal timestep embedding added in every residual
+block, and single-head self-attention at chosen resolutions and in the middle. Parameter names
+follow the TF variable scopes (down_0/block_0/conv1, mid/attn_1/q, ...) so its checkpoints map
+one to one. The CIFAR-10 model (ch=128, ch_mult=(1, 2, 2, 2)) has exactly the TF model's
+35,746,307 parameters and the 256x256 model (ch_mult=(1, 1, 2, 2, 4, 4)) its 113,673,219.
+
+Options from Nichol & Dhariwal 2021 (Improved DDPM) and Dhariwal & Nichol 2021 (ADM):
+multi-head attention (`num_heads` / `num_head_channels`), adaptive GroupNorm
+(`use_scale_shift_norm`), residual blocks that resample (`resblock_updown`), a learned variance
+(`learn_sigma` doubles the output channels) and class conditioning with a "null" label for
+classifier-free guidance (Ho & Salimans 2022). `dtype` sets the computation dtype (parameters
+stay float32) and `remat` rematerialises the residual blocks in the backward pass.
+
+Images are NHWC. All modules are pure: dropout draws from the 'dropout' RNG stream.
+"""
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+
+def default_init(scale: float = 1.0):
+  """The DDPM TF code's initialiser: variance scaling, fan_avg, uniform.
+
+  A scale of 0 means 1e-10 (as in the TF code): the layers that end a residual branch start
+  (almost) at zero, so every residual block starts as the identity and the network's output
+  starts at ~0.
+  """
+  return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
+
+
+def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal timestep embedding of the DDPM TF code (`nn.get_timestep_embedding`).
+
+  Frequencies are geometric from 1 down to 1/max_period over dim // 2 channels,
+    freq_i = exp(-log(max_period) * i / (dim // 2 - 1)),  i = 0 .. dim // 2 - 1,
+  and the embedding is [sin(t * freq), cos(t * freq)] (zero-padded by one channel when dim is
+  odd), the tensor2tensor variant of the Transformer encoding (Vaswani et al. 2017, Sec. 3.5).
+  (improved-diffusion's `timestep_embedding` divides by dim // 2 and puts cos first; the
+  difference is a fixed permutation/rescaling of frequencies that the next dense layer absorbs.)
+
+  Args:
+    timesteps: [B] integer or float timesteps.
+    dim: embedding width, >= 4.
+    max_period: the slowest period.
+  Returns:
+    [B, dim] float32.
+  """
+  if timesteps.ndim != 1:
+    raise ValueError(f"timesteps must have shape [B], got shape {timesteps.shape}")
+  if dim < 4:
+    raise ValueError(f"timestep embedding dim must be >= 4, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def num_groups(channels: int) -> int:
+  """GroupNorm groups: 32 as in DDPM, fewer for narrow layers.
+
+  The largest divisor of `channels` that is at most min(32, channels // 2), so every group has
+  at least two channels. Every DDPM/ADM layer (>= 64 channels, multiples of 32) gets exactly 32
+  groups. Narrow models need the two-channel minimum: the embedding is added to h right before
+  norm2 as a per-channel constant, and a one-channel group (instance norm) subtracts it again,
+  which would silently cut the timestep and label conditioning out of that block.
+  """
+  if channels < 1:
+    raise ValueError(f"GroupNorm needs at least one channel, got {channels}")
+  limit = max(1, min(32, channels // 2))
+  return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+def _group_norm(channels: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+  """GroupNorm(32) as in DDPM (see `num_groups` for narrow models)."""
+  # Flax reduces the statistics in float32 even for bfloat16 inputs (force_float32_reductions).
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def _conv(features: int, dtype: Dtype, name: str, *, kernel: int = 3, stride: int = 1,
+          init_scale: float = 1.0) -> nn.Conv:
+  # 'SAME' padding follows TF's convention (for stride 2 on even sizes: pad 0 before, 1 after),
+  # as the official model did.
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                 kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
+                 name=name)
+
+
+def _dense(features: int, dtype: Dtype, name: str, init_scale: float = 1.0) -> nn.Dense:
+  # Also the DDPM "NIN" layer (a 1x1 convolution): Dense acts on the last (channel) axis.
+  return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def upsample_nearest(x: Array) -> Array:
+  """Nearest-neighbour 2x upsampling. x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+
+
+def downsample_avg(x: Array) -> Array:
+  """2x2 average pooling, stride 2. x: [B, H, W, C] -> [B, H/2, W/2, C]."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: stride-2 3x3 conv (DDPM) or 2x2 average pooling."""
+  with_conv: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
+    if self.with_conv:
+      return _conv(x.shape[-1], self.dtype, "conv", stride=2)(x)
+    return downsample_avg(x)
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour, then (optionally) a 3x3 conv."""
+  with_conv: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+    x = upsample_nearest(x)
+    if self.with_conv:
+      x = _conv(x.shape[-1], self.dtype, "conv")(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  """Wide residual block with the timestep (+ label) embedding added after the first conv.
+
+  DDPM: h = conv1(swish(norm1(x))) + dense(swish(emb)); h = conv2(dropout(swish(norm2(h))));
+  out = shortcut(x) + h, with conv2 initialised at ~0 and a 1x1 "NIN" shortcut when the channel
+  count changes. With `use_scale_shift_norm` (ADM) the embedding instead modulates the second
+  norm, norm2(h) * (1 + scale) + shift. With `resample` ('up' | 'down', ADM's resblock_updown)
+  the block also changes resolution, resampling both branches after the first norm.
+  """
+  out_ch: int
+  dropout: float = 0.0
+  deterministic: bool = True
+  use_scale_shift_norm: bool = False
+  resample: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array) -> Array:
+    """x: [B, H, W, C], emb: [B, E] -> [B, H', W', out_ch] (H' = 2H / H/2 when resampling)."""
+    if self.resample not in (None, "up", "down"):
+      raise ValueError(f"ResBlock resample must be None, 'up' or 'down', got {self.resample!r}")
+    h = nn.swish(_group_norm(x.shape[-1], self.dtype, "norm1")(x))
+    if self.resample is not None:
+      resample = upsample_nearest if self.resample == "up" else downsample_avg
+      h, x = resample(h), resample(x)
+    h = _conv(self.out_ch, self.dtype, "conv1")(h)
+
+    emb_ch = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
+    emb_out = _dense(emb_ch, self.dtype, "temb_proj")(nn.swish(emb))[:, None, None, :]
+    norm2 = _group_norm(self.out_ch, self.dtype, "norm2")
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = nn.swish(norm2(h) * (1 + scale) + shift)
+    else:
+      h = nn.swish(norm2(h + emb_out))
+    h = nn.Dropout(rate=self.dropout)(h, deterministic=self.deterministic)
+    h = _conv(self.out_ch, self.dtype, "conv2", init_scale=0.0)(h)
+
+    if x.shape[-1] != self.out_ch:
+      x = _dense(self.out_ch, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Self-attention over all H*W positions, residual, with ~zero-initialised output projection.
+
+  q, k, v and proj_out are 1x1 ("NIN") dense layers as in DDPM; with one head this is exactly
+  the DDPM block (softmax(q k^T / sqrt(C)) v). Heads split the channels (ADM): `num_heads`
+  heads, or C // num_head_channels heads when num_head_channels > 0.
+  """
+  num_heads: int = 1
+  num_head_channels: int = -1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, H, W, C] -> [B, H, W, C]."""
+    b, height, width, c = x.shape
+    if self.num_head_channels > 0:
+      if c % self.num_head_channels:
+        raise ValueError(f"num_head_channels={self.num_head_channels} does not divide the {c} "
+                         "channels of an attention block")
+      heads = c // self.num_head_channels
+    else:
+      heads = self.num_heads
+      if heads < 1 or c % heads:
+        raise ValueError(f"num_heads={heads} must be >= 1 and divide the {c} channels of an "
+                         "attention block")
+    h = _group_norm(c, self.dtype, "norm")(x)
+    split = lambda a: a.reshape(b, height * width, heads, c // heads)
+    q = split(_dense(c, self.dtype, "q")(h))
+    k = split(_dense(c, self.dtype, "k")(h))
+    v = split(_dense(c, self.dtype, "v")(h))
+    # Logits and softmax are computed in float32 also for bfloat16 inputs; scale 1/sqrt(C/heads).
+    h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+    h = _dense(c, self.dtype, "proj_out", init_scale=0.0)(h)
+    return x + h
+
+
+class UNet(nn.Module):
+  """The DDPM U-Net, eps (or x0 / v) predictor of a diffusion model.
+
+  Attributes:
+    ch: base channel count (128 in DDPM).
+    out_ch: output channels (the image channels); doubled when `learn_sigma`.
+    ch_mult: channel multiplier per resolution level; len(ch_mult) - 1 downsamplings.
+    num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    attn_resolutions: resolutions (in pixels, e.g. (16,)) with self-attention after each block.
+    dropout: dropout rate inside the residual blocks (DDPM CIFAR-10: 0.1).
+    resamp_with_conv: stride-2 conv / conv after nearest upsampling (else avg pool / nearest).
+    num_heads: attention heads (when num_head_channels <= 0).
+    num_head_channels: > 0: channels per head, overriding num_heads (ADM).
+    use_scale_shift_norm: the embedding scales and shifts the second norm (ADM's AdaGN).
+    resblock_updown: resample with residual blocks instead of Downsample / Upsample (ADM).
+    learn_sigma: also output the variance interpolation v (Improved DDPM): 2 * out_ch channels.
+    num_classes: > 0: class-conditional; the label table has num_classes + 1 rows, the last
+      (label num_classes) being the "null" label of classifier-free guidance.
+    dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
+      output is float32.
+    remat: rematerialise (nn.remat) the residual blocks, trading compute for memory.
+  """
+  ch: int
+  out_ch: int
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  resamp_with_conv: bool = True
+  num_heads: int = 1
+  num_head_channels: int = -1
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
+  learn_sigma: bool = False
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, y: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """Predicts the model output for noisy images x at timesteps t.
+
+    Args:
+      x: [B, H, W, C] float images (NHWC, in [-1, 1] scale).
+      t: [B] timesteps (integer; float timesteps of a respaced model work too).
+      y: [B] integer labels in [0, num_classes] (num_classes = the null label), or None
+        (= the null label for a class-conditional model). Must be None when num_classes == 0.
+      train: enables dropout (needs rngs={'dropout': key}).
+    Returns:
+      [B, H, W, out_ch] float32, or [B, H, W, 2 * out_ch] when learn_sigma
+      (the first out_ch channels are the mean prediction, the rest the variance output).
+    """
+    self._check_inputs(x, t, y)
+    batch = x.shape[0]
+    num_levels = len(self.ch_mult)
+    emb_dim = 4 * self.ch
+
+    # Timestep embedding -> 2-layer MLP of width 4*ch (DDPM: temb/dense0, temb/dense1).
+    emb = timestep_embedding(t, self.ch)
+    emb = _dense(emb_dim, self.dtype, "temb_dense0")(emb)
+    emb = _dense(emb_dim, self.dtype, "temb_dense1")(nn.swish(emb))
+    if self.num_classes > 0:
+      # ADM adds a learned label embedding to the timestep embedding; row num_classes is the
+      # "null" label used for unconditional predictions in classifier-free guidance.
+      if y is None:
+        y = jnp.full((batch,), self.num_classes, jnp.int32)
+      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
+                           param_dtype=jnp.float32, name="label_emb")(y)
+
+    block_cls = nn.remat(ResBlock) if self.remat else ResBlock
+
+    def res_block(out_ch, name, resample=None):
+      return block_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train,
+                       use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
+                       dtype=self.dtype, name=name)
+
+    def attn_block(name):
+      return AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
+                       dtype=self.dtype, name=name)
+
+    # Downsampling path: every block output is kept for the skip connections.
+    hs = [_conv(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))]
+    for level, mult in enumerate(self.ch_mult):
+      for block in range(self.num_res_blocks):
+        h = res_block(self.ch * mult, f"down_{level}_block_{block}")(hs[-1], emb)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(f"down_{level}_attn_{block}")(h)
+        hs.append(h)
+      if level != num_levels - 1:
+        if self.resblock_updown:
+          hs.append(res_block(hs[-1].shape[-1], f"down_{level}_downsample", "down")(hs[-1], emb))
+        else:
+          hs.append(Downsample(self.resamp_with_conv, self.dtype,
+                               name=f"down_{level}_downsample")(hs[-1]))
+
+    # Middle: block, attention, block.
+    h = hs[-1]
+    h = res_block(h.shape[-1], "mid_block_1")(h, emb)
+    h = attn_block("mid_attn_1")(h)
+    h = res_block(h.shape[-1], "mid_block_2")(h, emb)
+
+    # Upsampling path: num_res_blocks + 1 blocks per level, each eating one skip connection.
+    for level in reversed(range(num_levels)):
+      for block in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res_block(self.ch * self.ch_mult[level], f"up_{level}_block_{block}")(h, emb)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(f"up_{level}_attn_{block}")(h)
+      if level != 0:
+        if self.resblock_updown:
+          h = res_block(h.shape[-1], f"up_{level}_upsample", "up")(h, emb)
+        else:
+          h = Upsample(self.resamp_with_conv, self.dtype, name=f"up_{level}_upsample")(h)
+    assert not hs, "every skip connection must be consumed"
+
+    h = nn.swish(_group_norm(h.shape[-1], self.dtype, "norm_out")(h))
+    out_ch = 2 * self.out_ch if self.learn_sigma else self.out_ch
+    h = _conv(out_ch, self.dtype, "conv_out", init_scale=0.0)(h)
+    return h.astype(jnp.float32)
+
+  def _check_inputs(self, x, t, y):
+    if x.ndim != 4:
+      raise ValueError(f"x must be [B, H, W, C] (NHWC), got shape {x.shape}")
+    batch, height, width, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(f"image size {height}x{width} is not divisible by {factor}, the "
+                       f"U-Net's downsampling for ch_mult={tuple(self.ch_mult)}")
+    if t.shape != (batch,):
+      raise ValueError(f"t must have shape [B] = ({batch},), got shape {t.shape}")
+    if y is not None:
+      if self.num_classes <= 0:
+        raise ValueError("labels y were given to an unconditional model (num_classes=0)")
+      if y.shape != (batch,):
+        raise ValueError(f"y must have shape [B] = ({batch},), got shape {y.shape}")
+      if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
