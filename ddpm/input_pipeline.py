@@ -18,7 +18,7 @@ Datasets (`config.data.dataset`):
   digits   scikit-learn's bundled 8x8 handwritten digits (1797 real images, offline), levels
            0..16 mapped to 0..255, resized to data.image_size with PIL bicubic interpolation.
            Fixed, seed-independent stratified split: within each class (in the data set's order)
-           every 5th image is a test image (359 test, 1438 train).
+           every 5th image is a test image (355 test, 1442 train).
   folder   every png/jpg/jpeg/webp/bmp under data.path (recursive, case-insensitive, sorted),
            EXIF-rotated, alpha composited on white, converted to RGB or L, centre-cropped to a
            square and resized to data.image_size (PIL, antialiased bicubic). Unreadable files
@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -311,12 +311,13 @@ def _digits_sources(image_size: int, channels: int):
 def _tfds_sources(name: str, data_dir: str, image_size: int, channels: int):
   """(train, test, num_classes) for a TFDS dataset read with tfds.data_source."""
   import tensorflow_datasets as tfds
-  spec = TFDS_DATASETS[name]
+  spec = TFDS_DATASETS[name.split(":")[0]]
   where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 
   def open_split(split):
     try:
-      return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+      return tfds.data_source(name, split=split, data_dir=os.path.expanduser(data_dir) or None,
+                              download=False,
                               builder_kwargs={"file_format": "array_record"})
     except Exception as e:
       manual = ""
@@ -405,6 +406,10 @@ class TrainIterator:
     it_ds = self._batches[self._next_batch:].to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if self._num_workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # grain's worker start-up reads its absl flags and fails when nobody parsed them
+        # (library use outside absl.app, e.g. notebooks and tests): use their defaults.
+        flags.FLAGS.mark_as_parsed()
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     self._it = iter(it_ds)
 
@@ -602,6 +607,26 @@ def _check_sharding(sharding, stack: int):
                      f"sharding {spec} partitions axes {split}; use e.g. {want}")
 
 
+def _produce(it, sharding, stack: int, out: queue.Queue, slots: threading.Semaphore,
+             stop: threading.Event):
+  """Background thread of DevicePrefetchIterator: puts (global arrays, state after them)."""
+  try:
+    while True:
+      while not slots.acquire(timeout=0.05):
+        if stop.is_set():
+          return
+      if stop.is_set():
+        return
+      batches = [next(it) for _ in range(stack)]
+      local = batches[0] if stack == 1 else jax.tree.map(lambda *xs: np.stack(xs), *batches)
+      state = copy.deepcopy(it.get_state())
+      # Transfer here, in the background, so host-to-device copies overlap the step.
+      out.put((jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), local), state))
+  except BaseException as e:  # pylint: disable=broad-except
+    out.put((_Raised(e), None))  # StopIteration of a finite iterator included
+
+
 class DevicePrefetchIterator:
   """Yields global jax.Arrays of (stacked) batches, `size` of them built ahead in a thread.
 
@@ -624,28 +649,12 @@ class DevicePrefetchIterator:
     # One slot per batch built ahead of the consumer: at most `size` exist at any time.
     self._slots = threading.Semaphore(self._size)
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce,
-                                    args=(self._queue, self._slots, self._stop),
-                                    name="prefetch_to_mesh", daemon=True)
+    # The thread gets what it needs, not `self`, so a dropped iterator is garbage collected
+    # (and __del__ stops the thread).
+    self._thread = threading.Thread(
+        target=_produce, name="prefetch_to_mesh", daemon=True,
+        args=(self._it, self._sharding, self._stack, self._queue, self._slots, self._stop))
     self._thread.start()
-
-  def _produce(self, out: queue.Queue, slots: threading.Semaphore, stop: threading.Event):
-    try:
-      while True:
-        while not slots.acquire(timeout=0.05):
-          if stop.is_set():
-            return
-        if stop.is_set():
-          return
-        batches = [next(self._it) for _ in range(self._stack)]
-        local = batches[0] if self._stack == 1 else jax.tree.map(
-            lambda *xs: np.stack(xs), *batches)
-        state = copy.deepcopy(self._it.get_state())
-        # Transfer here, in the background, so host-to-device copies overlap the step.
-        out.put((jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self._sharding, x), local), state))
-    except BaseException as e:  # pylint: disable=broad-except
-      out.put((_Raised(e), None))  # StopIteration of a finite iterator included
 
   def __iter__(self):
     return self
@@ -679,6 +688,10 @@ class DevicePrefetchIterator:
     self._stop.set()
     self._thread.join()
     self._thread = None
+
+  def __del__(self):
+    if getattr(self, "_thread", None) is not None:
+      self._stop.set()
 
   def __enter__(self):
     return self

@@ -468,3 +468,76 @@ def test_tfds_missing_dataset_says_how_to_prepare_it(tmp_path):
   config = make_config(dataset="cifar10", tfds_data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="array_record"):
     input_pipeline.create_datasets(config, process_index=0, process_count=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: grain worker processes, and two real JAX processes.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_grain_worker_processes_give_the_same_stream_and_state():
+  config = make_config(dataset="digits", image_size=8, batch_size=16, random_flip=True)
+  inline = input_pipeline.create_datasets(config, seed=2, process_index=0, process_count=1)
+  expected = take(inline.train_iter, 6)
+  config.data.num_workers = 2
+  ds = input_pipeline.create_datasets(config, seed=2, process_index=0, process_count=1)
+  try:
+    assert_batches_equal(take(ds.train_iter, 3), expected[:3])
+    state = ds.train_iter.get_state()
+    assert_batches_equal(take(ds.train_iter, 3), expected[3:])
+    inline.train_iter.set_state(state)  # states are the same with and without workers
+    assert_batches_equal(take(inline.train_iter, 3), expected[3:])
+  finally:
+    ds.train_iter.close()
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import os, sys
+process_id, port = int(sys.argv[1]), sys.argv[2]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2,
+                           process_id=process_id)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from configs import default
+from ddpm import input_pipeline
+
+config = default.get_config()
+config.data.dataset, config.data.image_size, config.data.random_flip = "digits", 8, True
+config.training.batch_size = 16
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+ds = input_pipeline.create_datasets(config, seed=3)  # process index/count from JAX
+with input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
+                                     stack=2) as batches:
+  got = [multihost_utils.process_allgather(next(batches)["image"], tiled=True)
+         for _ in range(2)]
+whole = input_pipeline.create_datasets(config, seed=3, process_index=0, process_count=1)
+raw = [next(whole.train_iter)["image"] for _ in range(4)]
+assert got[0].shape == (2, 16, 8, 8, 1), got[0].shape
+np.testing.assert_array_equal(np.concatenate(got), np.stack(raw))
+print("OK", process_id, ds.train_iter.local_batch_size)
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_feed_one_global_batch(tmp_path):
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  script = tmp_path / "two_process.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"OK {i} 8" in out
