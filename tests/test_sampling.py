@@ -449,3 +449,25 @@ def test_bad_arguments(diff):
   with pytest.raises(ValueError, match="alpha_bar > 0"):
     sampling.sample(diffusion_lib.GaussianDiffusion(jsd.betas_float64, model_mean_type="x0"),
                     model, shape, rng, method="ddim")
+
+
+@pytest.mark.slow
+def test_unet_guided_heun_on_the_mesh():
+  """The real U-Net (bfloat16, learned_range, class-conditional) through the config path."""
+  from ddpm import config_validation, models
+  c = config_validation.default_config()
+  c.data.image_size, c.model.ch, c.model.attn_resolutions = 8, 8, (4,)
+  c.data.num_classes, c.model.class_dropout, c.sampling.guidance_scale = 3, 0.1, 1.0
+  c.diffusion.num_timesteps, c.diffusion.model_var_type = 40, "learned_range"
+  c.sampling.batch_size, c.sampling.method, c.sampling.num_steps = 8, "heun", 5
+  c.training.compute_dtype = "bfloat16"
+  config_validation.validate_config(c, jax.device_count())
+  model = models.build_model(c)
+  p = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
+                 y=jnp.zeros((1,), jnp.int32))["params"]
+  sampler = sampling.make_sampler_from_config(c, diffusion_lib.from_config(c),
+                                              sampling.apply_fn_from_model(model),
+                                              mesh=distributed.make_data_mesh())
+  x = sampler(p, jax.random.key(1), jnp.arange(8) % 3)
+  assert x.shape == (8, 8, 8, 1) and x.dtype == jnp.float32
+  assert np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x)).max() <= 1.0
