@@ -25,9 +25,17 @@ Datasets (`config.data.dataset`):
            are skipped with one warning each. Folders have no labels (label 0) and no held-out
            split: `eval_images` reuses the training images (bits/dim is then a training-set
            number).
-  TFDS     see `TFDS_DATASETS`. Read with `tfds.data_source` (array_record files, random
-           access, no TensorFlow needed): prepare the dataset once with
+  TFDS     see `TFDS_DATASETS` (labels where the dataset has them, else 0). Read with
+           `tfds.data_source` (array_record files, random access, no TensorFlow needed):
+           prepare the dataset once with
            `tfds build <name> --file_format=array_record [--data_dir=...]`.
+           mnist / fashion_mnist (28x28) are zero-padded to image_size in 29..32 (pixels stay
+           exact) and resized otherwise; celeb_a gets score_sde's central 140x140 crop; every
+           image is centre-cropped to a square and resized (antialiased) to image_size.
+
+Other keys: data.num_workers > 0 decodes in that many grain worker processes (the main module
+then needs an `if __name__ == "__main__":` guard, as with any spawned multiprocessing);
+data.prefetch is the `size` to pass to `prefetch_to_mesh`.
 
 `config.data.shuffle_buffer` is not used: grain shuffles globally by index (an exact uniform
 permutation per epoch), which a shuffle buffer only approximates.
@@ -35,11 +43,10 @@ permutation per epoch), which a shuffle buffer only approximates.
 import concurrent.futures
 import copy
 import dataclasses
-import math
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import grain
 import jax
@@ -222,27 +229,28 @@ class FolderSource:
       raise ValueError(f"data.path={root!r}: no images found (searched recursively for files "
                        f"ending in {', '.join(IMAGE_EXTENSIONS)}, case-insensitive; "
                        f"{ignored} other file(s) ignored)")
-    cache = len(candidates) * image_size * image_size * channels <= cache_bytes
+    shape = (image_size, image_size, channels)
+    cache = len(candidates) * int(np.prod(shape)) <= cache_bytes
+    buffer = np.empty((len(candidates),) + shape, np.uint8) if cache else None
 
-    def try_load(path):
+    def try_load(i):
       try:
-        image = load_image_file(path, image_size, channels)
-        return image if cache else True
+        image = load_image_file(candidates[i], image_size, channels)
       except Exception as e:  # pylint: disable=broad-except
         return e
+      if cache:
+        buffer[i] = image
+      return None
 
     workers = min(32, (os.cpu_count() or 1) + 2)  # PIL decoding releases the GIL
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      results = list(pool.map(try_load, candidates))
-    self.paths, images = [], []
-    for path, result in zip(candidates, results):
-      if isinstance(result, Exception):
-        reason = " ".join(f"{type(result).__name__}: {result}".split())
+      errors = list(pool.map(try_load, range(len(candidates))))
+    for path, error in zip(candidates, errors):
+      if error is not None:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line
         logging.warning("Skipping unreadable image %s (%s)", path, reason)
-        continue
-      self.paths.append(path)
-      if cache:
-        images.append(result)
+    valid = np.asarray([e is None for e in errors])
+    self.paths = [p for p, ok in zip(candidates, valid) if ok]
     skipped = len(candidates) - len(self.paths)
     logging.info("Image folder %s: %d images, %d unreadable file(s) skipped, %d non-image "
                  "file(s) ignored%s.", root, len(self.paths), skipped, ignored,
@@ -250,7 +258,7 @@ class FolderSource:
     if not self.paths:
       raise ValueError(f"data.path={root!r}: none of the {len(candidates)} image file(s) could "
                        f"be read (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    self.images = np.stack(images) if cache else None
+    self.images = None if not cache else buffer if valid.all() else buffer[valid]
     self.num_skipped = skipped
 
   def __len__(self) -> int:
@@ -274,8 +282,13 @@ def _list_image_files(root: str) -> Tuple[list, int]:
   if not os.path.isdir(root):
     raise ValueError(f"data.path={root!r} is not a folder (expected a folder of "
                      f"{', '.join(IMAGE_EXTENSIONS)} images)")
-  paths, ignored = [], 0
+  paths, ignored, seen = [], 0, set()
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:  # a symlink back up the tree: do not walk it twice (or forever)
+      dirnames[:] = []
+      continue
+    seen.add(real)
     dirnames.sort()
     for name in filenames:
       if name.startswith("."):
@@ -591,24 +604,29 @@ class _Raised:
     self.error = error
 
 
-def _check_sharding(sharding, stack: int):
-  """The batch axis (0, or 1 for stacked batches) must be the only partitioned axis."""
+def _stacked_layout(sharding, stack: int) -> bool:
+  """Whether batches are [k, B, ...] (True) or [B, ...] (False) for this sharding and stack.
+
+  stack > 1 always stacks. With stack=1 the sharding decides: one that partitions axis 1
+  (e.g. P(None, 'data')) asks for the stacked layout [1, B, ...] (a training step that scans
+  over k steps also for k = 1); one that partitions axis 0 (P('data')) gets [B, ...]. Any other
+  partitioning would split an image axis and is an error.
+  """
   if not isinstance(sharding, jax.sharding.Sharding):
     raise TypeError(f"sharding must be a jax.sharding.Sharding, got {sharding!r}")
   spec = getattr(sharding, "spec", None)
-  if spec is None:
-    return
-  batch_axis = 1 if stack > 1 else 0
-  split = [i for i, axes in enumerate(spec) if axes is not None]
-  if split and split != [batch_axis]:
-    layout = "[k, B, ...] (stack > 1)" if stack > 1 else "[B, ...] (stack=1)"
-    want = "P(None, 'data')" if stack > 1 else "P('data')"
+  split = [] if spec is None else [i for i, axes in enumerate(spec) if axes is not None]
+  stacked = stack > 1 or split == [1]
+  if split and split != [1 if stacked else 0]:
+    layout, want = ("[k, B, ...]", "P(None, 'data')") if stacked else ("[B, ...]", "P('data')")
     raise ValueError(f"prefetch_to_mesh(stack={stack}) yields {layout} batches, but the "
-                     f"sharding {spec} partitions axes {split}; use e.g. {want}")
+                     f"sharding {spec} partitions axes {split}; partition only the batch "
+                     f"axis, e.g. {want}")
+  return stacked
 
 
-def _produce(it, sharding, stack: int, out: queue.Queue, slots: threading.Semaphore,
-             stop: threading.Event):
+def _produce(it, sharding, stack: int, stacked: bool, out: queue.Queue,
+             slots: threading.Semaphore, stop: threading.Event):
   """Background thread of DevicePrefetchIterator: puts (global arrays, state after them)."""
   try:
     while True:
@@ -618,7 +636,7 @@ def _produce(it, sharding, stack: int, out: queue.Queue, slots: threading.Semaph
       if stop.is_set():
         return
       batches = [next(it) for _ in range(stack)]
-      local = batches[0] if stack == 1 else jax.tree.map(lambda *xs: np.stack(xs), *batches)
+      local = jax.tree.map(lambda *xs: np.stack(xs), *batches) if stacked else batches[0]
       state = copy.deepcopy(it.get_state())
       # Transfer here, in the background, so host-to-device copies overlap the step.
       out.put((jax.tree.map(
@@ -638,7 +656,7 @@ class DevicePrefetchIterator:
       raise ValueError(f"prefetch size={size} must be >= 1 (data.prefetch)")
     if stack < 1:
       raise ValueError(f"stack={stack} must be >= 1 (training.steps_per_dispatch)")
-    _check_sharding(sharding, stack)
+    self._stacked = _stacked_layout(sharding, stack)
     self._it, self._sharding, self._size, self._stack = it, sharding, size, stack
     self._state = copy.deepcopy(it.get_state())
     self._thread = None
@@ -653,7 +671,8 @@ class DevicePrefetchIterator:
     # (and __del__ stops the thread).
     self._thread = threading.Thread(
         target=_produce, name="prefetch_to_mesh", daemon=True,
-        args=(self._it, self._sharding, self._stack, self._queue, self._slots, self._stop))
+        args=(self._it, self._sharding, self._stack, self._stacked, self._queue, self._slots,
+              self._stop))
     self._thread.start()
 
   def __iter__(self):
@@ -682,12 +701,17 @@ class DevicePrefetchIterator:
     self._start()
 
   def close(self):
-    """Stops the background thread (batches prefetched but not taken are dropped)."""
+    """Stops the background thread and rewinds `it` to just after the batches consumed.
+
+    Batches prefetched but not taken are dropped, so `it` can be read on (or wrapped again)
+    without skipping any.
+    """
     if self._thread is None:
       return
     self._stop.set()
     self._thread.join()
     self._thread = None
+    self._it.set_state(copy.deepcopy(self._state))
 
   def __del__(self):
     if getattr(self, "_thread", None) is not None:
@@ -706,13 +730,14 @@ def prefetch_to_mesh(it, sharding, size: int = 2, stack: int = 1) -> DevicePrefe
   Args:
     it: an iterator of dicts of np arrays [B_local, ...] with get_state()/set_state()
       (e.g. `create_datasets(...).train_iter`).
-    sharding: the sharding of every array of a (stacked) batch, e.g.
-      NamedSharding(mesh, P('data')) for stack=1 or NamedSharding(mesh, P(None, 'data'))
-      for stack > 1. Each process passes its local part; the global batch axis is the
-      concatenation over processes (jax.make_array_from_process_local_data).
-    size: batches built ahead (data.prefetch).
+    sharding: the sharding of every array of a (stacked) batch: NamedSharding(mesh, P('data'))
+      for [B, ...] batches, NamedSharding(mesh, P(None, 'data')) for stacked [k, B, ...]
+      ones. Each process passes its local part; the global batch axis is the concatenation
+      over processes (jax.make_array_from_process_local_data).
+    size: batches built ahead of the consumer (data.prefetch).
     stack: k > 1 stacks k consecutive batches into [k, B, ...] (k optimizer steps per
-      compiled call); stack=1 yields [B, ...].
+      compiled call). With stack=1 the sharding picks the layout: P('data') gives [B, ...],
+      P(None, 'data') gives [1, B, ...] (so a step that scans over k works for k = 1 too).
   Returns:
     an iterator with get_state()/set_state() referring to the batches taken by the consumer.
   """

@@ -241,8 +241,16 @@ def test_prefetch_to_mesh_shards_over_the_8_devices(mesh):
     assert len(batch["image"].addressable_shards) == 8
     assert {s.data.shape for s in batch["image"].addressable_shards} == {(2, 8, 8, 1)}
     assert_batches_equal([batch, next(batches)], take(twin.train_iter, 2))
-  with pytest.raises(ValueError, match="P\\('data'\\)"):
-    input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")))
+  # stack=1 with the batch axis at 1 asks for the stacked layout [1, B, ...].
+  with input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
+                                       stack=1) as stacked:
+    batch = next(stacked)
+    assert batch["image"].shape == (1, 16, 8, 8, 1) and batch["label"].shape == (1, 16)
+    np.testing.assert_array_equal(np.asarray(batch["image"])[0], next(twin.train_iter)["image"])
+  with pytest.raises(ValueError, match="partitions axes \\[0\\].*P\\(None, 'data'\\)"):
+    input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P("data")), stack=2)
+  with pytest.raises(ValueError, match="partitions axes \\[2\\]"):
+    input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, None, "data")))
 
 
 def test_prefetch_to_mesh_stacks_and_restores_consumer_position(mesh):
@@ -267,6 +275,7 @@ def test_prefetch_to_mesh_stacks_and_restores_consumer_position(mesh):
   batches.set_state(state)
   assert_batches_equal(take(batches, 2), after)
   batches.close()
+  assert ds.train_iter.get_state()["next_batch"] == 9  # rewound to what was consumed
 
   fresh = input_pipeline.create_datasets(config, seed=4, process_index=0, process_count=1)
   fresh.train_iter.set_state(json.loads(json.dumps(state)))
@@ -401,6 +410,20 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="none of the 1 image file"):
     input_pipeline.create_datasets(make_config(dataset="folder", path=str(empty)),
                                    process_index=0, process_count=1)
+
+
+def test_folder_palette_transparency_and_symlink_loop(tmp_path):
+  # A palette PNG whose index 0 is transparent: composited on white like RGBA.
+  pal = Image.fromarray(np.tile(np.uint8([0, 1]), (4, 2)), "P")
+  pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+  pal.info["transparency"] = 0
+  _save(str(tmp_path / "pal.png"), pal, transparency=0)
+  os.symlink(str(tmp_path), str(tmp_path / "loop"))  # a cycle: walked once
+  source = input_pipeline.FolderSource(str(tmp_path), 4, 3)
+  assert len(source) == 1
+  image = source[0][0].astype(int)
+  assert image[:, 0].min() >= 254  # transparent red -> white
+  assert image[:, -1, 2].min() >= 250 and image[:, -1, :2].max() <= 5  # opaque blue stays
 
 
 # ---------------------------------------------------------------------------------------------
