@@ -4,9 +4,11 @@ With the default options this is the architecture of the official TF code
 (hojonathanho/diffusion, diffusion_tf/models/unet.py): a PixelCNN++-style U-Net of wide
 residual blocks with GroupNorm, swish, a sinusoidal timestep embedding added in every residual
 block, and single-head self-attention at chosen resolutions and in the middle. Parameter names
-follow the TF variable scopes (down_0/block_0/conv1, mid/attn_1/q, ...) so its checkpoints map
-one to one. The CIFAR-10 model (ch=128, ch_mult=(1, 2, 2, 2)) has exactly the TF model's
-35,746,307 parameters and the 256x256 model (ch_mult=(1, 1, 2, 2, 4, 4)) its 113,673,219.
+mirror the TF variable scopes (TF model/down_0/block_0/conv1/W is down_0_block_0/conv1/kernel
+here), so the released checkpoints can be mapped by name. The CIFAR-10 model (ch=128,
+ch_mult=(1, 2, 2, 2)) has exactly the TF model's 35,746,307 parameters and the 256x256 model
+(ch_mult=(1, 1, 2, 2, 4, 4)) its 113,673,219. GroupNorm uses 32 groups as in DDPM, fewer only
+in layers narrower than 64 channels (see `num_groups`).
 
 Options from Nichol & Dhariwal 2021 (Improved DDPM) and Dhariwal & Nichol 2021 (ADM):
 multi-head attention (`num_heads` / `num_head_channels`), adaptive GroupNorm
@@ -45,8 +47,8 @@ def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) 
     freq_i = exp(-log(max_period) * i / (dim // 2 - 1)),  i = 0 .. dim // 2 - 1,
   and the embedding is [sin(t * freq), cos(t * freq)] (zero-padded by one channel when dim is
   odd), the tensor2tensor variant of the Transformer encoding (Vaswani et al. 2017, Sec. 3.5).
-  (improved-diffusion's `timestep_embedding` divides by dim // 2 and puts cos first; the
-  difference is a fixed permutation/rescaling of frequencies that the next dense layer absorbs.)
+  (improved-diffusion's `timestep_embedding` divides by dim // 2 instead and puts cos first;
+  we follow the DDPM code.)
 
   Args:
     timesteps: [B] integer or float timesteps.
@@ -186,6 +188,11 @@ class ResBlock(nn.Module):
     return x + h
 
 
+# Recomputes the block's activations in the backward pass instead of storing them. Train/eval
+# mode is the `deterministic` attribute, not an argument, so no static_argnums are needed.
+_RematResBlock = nn.remat(ResBlock)
+
+
 class AttnBlock(nn.Module):
   """Self-attention over all H*W positions, residual, with ~zero-initialised output projection.
 
@@ -230,7 +237,8 @@ class UNet(nn.Module):
     out_ch: output channels (the image channels); doubled when `learn_sigma`.
     ch_mult: channel multiplier per resolution level; len(ch_mult) - 1 downsamplings.
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
-    attn_resolutions: resolutions (in pixels, e.g. (16,)) with self-attention after each block.
+    attn_resolutions: resolutions (feature-map height in pixels, e.g. (16,)) with
+      self-attention after each residual block there.
     dropout: dropout rate inside the residual blocks (DDPM CIFAR-10: 0.1).
     resamp_with_conv: stride-2 conv / conv after nearest upsampling (else avg pool / nearest).
     num_heads: attention heads (when num_head_channels <= 0).
@@ -275,6 +283,8 @@ class UNet(nn.Module):
       [B, H, W, out_ch] float32, or [B, H, W, 2 * out_ch] when learn_sigma
       (the first out_ch channels are the mean prediction, the rest the variance output).
     """
+    x, t = jnp.asarray(x), jnp.asarray(t)
+    y = None if y is None else jnp.asarray(y)
     self._check_inputs(x, t, y)
     batch = x.shape[0]
     num_levels = len(self.ch_mult)
@@ -292,7 +302,7 @@ class UNet(nn.Module):
       emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
                            param_dtype=jnp.float32, name="label_emb")(y)
 
-    block_cls = nn.remat(ResBlock) if self.remat else ResBlock
+    block_cls = _RematResBlock if self.remat else ResBlock
 
     def res_block(out_ch, name, resample=None):
       return block_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train,
