@@ -46,7 +46,7 @@ import dataclasses
 import os
 import queue
 import threading
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import grain
 import jax
@@ -492,12 +492,23 @@ class Datasets:
 
     A fixed (seed-independent) uniformly random subset, the same on every process.
     """
-    num = int(num)
+    return np.concatenate(list(self.iter_reference_images(num, max(1, int(num)))))
+
+  def iter_reference_images(self, num: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The images of `reference_images(num)` in order, as uint8 [<= batch_size, S, S, C]
+    chunks (for reference sets too large to hold in memory, e.g. 50k LSUN images)."""
+    num, batch_size = int(num), int(batch_size)
     if not 0 <= num <= len(self._train):
       raise ValueError(f"reference_images({num}): the {self.info['dataset']} training split "
                        f"has {len(self._train)} images; ask for at most that many")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1")
     order = grain.MapDataset.range(len(self._train)).shuffle(seed=_REFERENCE_SEED)
-    return _read_images(self._train, [order[i] for i in range(num)], self.info)
+    if num == 0:
+      yield _read_images(self._train, [], self.info)
+    for start in range(0, num, batch_size):
+      indices = [order[i] for i in range(start, min(num, start + batch_size))]
+      yield _read_images(self._train, indices, self.info)
 
 
 def _read_images(source, indices: Sequence[int], info) -> np.ndarray:

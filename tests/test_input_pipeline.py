@@ -141,6 +141,9 @@ def test_two_processes_read_disjoint_halves_of_the_global_batch():
   assert shares[0].shape == (5, 8, 8, 1)
   np.testing.assert_array_equal(np.concatenate(shares), whole.eval_images(10))
   np.testing.assert_array_equal(parts[1].reference_images(4), whole.reference_images(4))
+  chunks = list(whole.iter_reference_images(10, 4))
+  assert [len(c) for c in chunks] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate(chunks), whole.reference_images(10))
 
 
 def test_state_restores_exactly_also_in_a_new_pipeline_and_on_another_process_count():
