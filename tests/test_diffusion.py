@@ -561,3 +561,21 @@ def test_eps_model_with_zero_alpha_bar_refuses_the_bound():
   out = d.training_losses(lambda x, t: jnp.concatenate([x, x], -1), _images(),
                           jnp.full((4,), T_SMALL - 1), None, noise=noise)
   assert np.all(np.isfinite(out["loss"]))
+
+
+def test_kl_training_loss_is_the_bound_term(bpd_fns):
+  """loss_type 'kl' at each t equals column t of calc_bpd_loop's vb (deterministic model)."""
+  betas, fns = bpd_fns
+  x0 = _images(0)
+  x0_hat = jnp.clip(0.9 * x0 + 0.02, -1, 1)
+  vb = fns["fixed_large"](x0, x0_hat, jax.random.key(0))["vb"]
+  d = GaussianDiffusion(betas, model_mean_type="x0", model_var_type="fixed_large",
+                        loss_type="kl")
+  b = SHAPE[0]
+  # Every (example, t) pair in one batch: row i * T + t.
+  x_rep = jnp.repeat(x0, T_SMALL, axis=0)
+  hat_rep = jnp.repeat(x0_hat, T_SMALL, axis=0)
+  t_rep = jnp.tile(jnp.arange(T_SMALL, dtype=jnp.int32), b)
+  loss = jax.jit(lambda key: d.training_losses(lambda x_t, t: hat_rep, x_rep, t_rep, key)["loss"])(
+      jax.random.key(1))
+  np.testing.assert_allclose(np.asarray(loss).reshape(b, T_SMALL), vb, rtol=1e-4, atol=1e-6)
