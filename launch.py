@@ -66,8 +66,7 @@ def main(argv):
     evaluation.run_eval(config, FLAGS.workdir)
   elif FLAGS.mode == "sweep":
     from ddpm import sweep
-    sweep.run_sweep(config, FLAGS.workdir, config_file=config_flags.get_config_filename(
-        FLAGS["config"]), only=FLAGS.variant)
+    sweep.run_sweep(config, FLAGS.workdir, only=FLAGS.variant)
   elif FLAGS.mode == "benchmark":
     from ddpm import benchmark
     benchmark.run_benchmark(config, FLAGS.workdir)

@@ -1,0 +1,306 @@
+"""Sampling and evaluation modes: sample grids and GIFs, bits/dim, FID and Inception Score.
+
+  --mode=sample  workdir/samples/samples_<step>.npz (key 'images', uint8 NHWC), a PNG grid
+                 samples_<step>.png and the denoising progression progression_<step>.gif
+  --mode=eval    bits/dim of the test split with the full T-step bound (Ho et al. eq. 5 in bits
+                 per dimension), FID and IS of eval.num_samples EMA samples against the dataset's
+                 cached reference statistics, to workdir/eval/eval_<step>.json and TensorBoard.
+
+FID samples are generated in rounds saved as workdir/eval/samples_<step>/round_<i>.npz, so a
+preempted evaluation resumes where it stopped. Everything uses the EMA parameters of the newest
+complete checkpoint.
+"""
+import hashlib
+import json
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddpm import checkpointing
+from ddpm import images
+from ddpm import sampling
+
+REFERENCE_CACHE_DIR = os.path.expanduser("~/.cache/ddpm_jax/reference_stats")
+GIF_BATCH = 16
+GIF_FRAMES = 50
+
+
+def _to_host(x) -> np.ndarray:
+  """A global (possibly multi-process) array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _labels(config, n: int, offset: int = 0) -> Optional[np.ndarray]:
+  """Class labels cycling through the classes (None for unconditional models)."""
+  if config.data.num_classes <= 0:
+    return None
+  return ((offset + np.arange(n)) % config.data.num_classes).astype(np.int32)
+
+
+def _global_labels(y: Optional[np.ndarray], mesh):
+  if y is None or jax.process_count() == 1:
+    return y
+  n = jax.process_count()
+  local = np.split(y, n)[jax.process_index()]
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local, y.shape)
+
+
+def _sample_rng(config, step: int, purpose: int):
+  """Sampling keys that do not depend on how often a mode was run before."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed + 1), step), purpose)
+
+
+def load_ema_params(config, workdir: str):
+  """(EMA params replicated over all devices, step) of the newest complete checkpoint."""
+  from ddpm import train
+  mesh, model, diffusion, sampler, init_fn = train.setup(config)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if checkpointing.latest_step(ckpt_dir) is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
+                            f"--workdir={workdir}")
+  replicated = NamedSharding(mesh, P())
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          jax.eval_shape(init_fn, train.initial_rng(config)))
+  mngr = checkpointing.create_manager(ckpt_dir, read_only=True)
+  restored = checkpointing.restore_latest(mngr, abstract)
+  state, _, step = restored
+  return state.ema_params, int(step), (mesh, model, diffusion)
+
+
+def generate(config, params, mesh, model, diffusion, num: int, rng, batch_size: int,
+             progress: bool = True):
+  """Yields uint8 [b, H, W, C] batches of `num` samples (the last batch trimmed)."""
+  sampler = sampling.make_sampler_from_config(config, diffusion,
+                                              sampling.apply_fn_from_model(model),
+                                              mesh=mesh, batch_size=batch_size,
+                                              intermediate_every=0)
+  done, i = 0, 0
+  while done < num:
+    start = time.perf_counter()
+    y = _global_labels(_labels(config, batch_size, done), mesh)
+    x = _to_host(sampler(params, jax.random.fold_in(rng, i), y=y))
+    take = min(batch_size, num - done)
+    done += take
+    i += 1
+    if progress:
+      logging.info("sampled %d/%d images (%.1f s for %d)", done, num,
+                   time.perf_counter() - start, batch_size)
+    yield images.to_uint8(x[:take])
+
+
+def _sampling_batch(config, batch_size: int) -> int:
+  n = jax.device_count()
+  return max(n, (batch_size // n) * n)
+
+
+def run_sampling(config, workdir: str) -> Dict[str, str]:
+  """--mode=sample: samples, grid and denoising GIF from the newest checkpoint's EMA params."""
+  params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
+  num = config.sampling.num_samples
+  batch = _sampling_batch(config, min(config.sampling.batch_size, max(num, 1)))
+  logging.info("Sampling %d images at step %d with %s (%s steps).", num, step,
+               config.sampling.method, config.sampling.num_steps or diffusion.num_timesteps)
+  samples = np.concatenate(list(generate(config, params, mesh, model, diffusion, num,
+                                         _sample_rng(config, step, 0), batch)))
+
+  # The progression: a few images from noise to data, ~GIF_FRAMES frames.
+  gif_batch = _sampling_batch(config, GIF_BATCH)
+  nfe = sampling.num_function_evals(config.sampling.method,
+                                    config.sampling.num_steps or diffusion.num_timesteps)
+  every = config.sampling.intermediate_every or max(1, nfe // GIF_FRAMES)
+  gif_sampler = sampling.make_sampler_from_config(
+      config, diffusion, sampling.apply_fn_from_model(model), mesh=mesh, batch_size=gif_batch,
+      intermediate_every=every)
+  y = _global_labels(_labels(config, gif_batch), mesh)
+  _, frames = gif_sampler(params, _sample_rng(config, step, 1), y=y)
+  frames = _to_host(frames)
+
+  out = {}
+  if jax.process_index() == 0:
+    sample_dir = os.path.join(workdir, "samples")
+    out["npz"] = images.save_npz(os.path.join(sample_dir, f"samples_{step}.npz"), samples,
+                                 step=step)
+    out["grid"] = images.save_grid(os.path.join(sample_dir, f"samples_{step}.png"),
+                                   samples[:min(len(samples), 100)])
+    out["gif"] = images.save_gif(os.path.join(sample_dir, f"progression_{step}.gif"),
+                                 images.to_uint8(np.clip(frames, -1, 1)))
+    for name, path in out.items():
+      print(f"{name}: {path}", flush=True)
+  return out
+
+
+def make_training_sample_hook(config, workdir: str, model, diffusion, mesh):
+  """hook(state, step) writing an EMA sample grid to workdir/samples/ema_<step>.png."""
+  batch = _sampling_batch(config, min(config.sampling.batch_size, 64))
+  sampler = sampling.make_sampler_from_config(config, diffusion,
+                                              sampling.apply_fn_from_model(model), mesh=mesh,
+                                              batch_size=batch, intermediate_every=0)
+
+  def hook(state, step: int):
+    y = _global_labels(_labels(config, batch), mesh)
+    x = _to_host(sampler(state.ema_params, _sample_rng(config, step, 2), y=y))
+    if jax.process_index() == 0:
+      path = images.save_grid(os.path.join(workdir, "samples", f"ema_{step}.png"), x)
+      logging.info("EMA samples at step %d: %s", step, path)
+  return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits per dimension
+# ---------------------------------------------------------------------------------------------
+def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False):
+  """Jitted fn(params, x [B, H, W, C] in [-1, 1] sharded on 'data', rng) -> dict of [B] / [B, T]."""
+
+  def local(params, x, key):
+    key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+    model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+    out = diffusion.calc_bpd_loop(model_fn, x, key, clip_denoised=clip_denoised)
+    return {k: out[k] for k in ("total_bpd", "prior_bpd", "vb", "mse")}
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=P("data"), check_vma=False))
+
+
+def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray, rng
+                ) -> Dict[str, float]:
+  """Bits/dim of this process's share of the test images (uint8 [N, H, W, C]), all processes."""
+  if config.data.num_classes > 0:
+    raise NotImplementedError("bits/dim of class-conditional models is not implemented")
+  batch = config.eval.batch_size
+  local_batch = batch // jax.process_count()
+  fn = make_bpd_fn(diffusion, model, mesh)
+  n = test_images.shape[0]
+  totals, priors, count = [], [], 0
+  for i in range(0, n, local_batch):
+    chunk = test_images[i:i + local_batch]
+    real = chunk.shape[0]
+    if real < local_batch:  # pad with copies; the padding is dropped below
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], local_batch - real, axis=0)])
+    x = chunk.astype(np.float32) / 127.5 - 1.0
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x,
+                                               (batch,) + x.shape[1:])
+    out = fn(params, x, jax.random.fold_in(rng, i))
+    total = _to_host(out["total_bpd"]).reshape(jax.process_count(), local_batch)[:, :real]
+    prior = _to_host(out["prior_bpd"]).reshape(jax.process_count(), local_batch)[:, :real]
+    totals.append(total.reshape(-1))
+    priors.append(prior.reshape(-1))
+    count += total.size
+    logging.info("bits/dim: %d images, running mean %.4f", count, np.mean(np.concatenate(totals)))
+  totals = np.concatenate(totals)
+  return {"bpd": float(np.mean(totals)), "bpd_stderr": float(np.std(totals) / np.sqrt(len(totals))),
+          "prior_bpd": float(np.mean(np.concatenate(priors))), "bpd_num_images": int(len(totals))}
+
+
+# ---------------------------------------------------------------------------------------------
+# FID / IS
+# ---------------------------------------------------------------------------------------------
+def reference_statistics(config, features_fn, dataset) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of the training images' features, computed once and cached on disk."""
+  from ddpm import fid
+  d = config.data
+  key = json.dumps([d.dataset, d.path, d.tfds_data_dir, d.image_size, d.channels,
+                    config.eval.feature_extractor, config.eval.inception_weights,
+                    config.eval.num_samples], sort_keys=True)
+  name = f"{d.dataset.replace('/', '_')}_{d.image_size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+  path = os.path.join(REFERENCE_CACHE_DIR, name + ".npz")
+  if os.path.exists(path):
+    logging.info("Reference statistics from cache %s", path)
+    return fid.load_statistics(path)
+  feats, _ = fid.features_in_batches(
+      features_fn, dataset.iter_reference_images(config.eval.num_samples, config.eval.batch_size))
+  mu, sigma = fid.compute_statistics(feats)
+  if jax.process_index() == 0:
+    fid.save_statistics(path, mu, sigma)
+    logging.info("Reference statistics cached in %s", path)
+  return mu, sigma
+
+
+def sample_in_rounds(config, workdir, step, params, mesh, model, diffusion) -> np.ndarray:
+  """eval.num_samples uint8 samples, generated in saved rounds (a rerun resumes)."""
+  round_dir = os.path.join(workdir, "eval", f"samples_{step}")
+  os.makedirs(round_dir, exist_ok=True)
+  batch = _sampling_batch(config, config.eval.batch_size)
+  num = config.eval.num_samples
+  rounds = -(-num // batch)
+  rng = _sample_rng(config, step, 3)
+  sampler = sampling.make_sampler_from_config(config, diffusion,
+                                              sampling.apply_fn_from_model(model), mesh=mesh,
+                                              batch_size=batch, intermediate_every=0)
+  out = []
+  for r in range(rounds):
+    path = os.path.join(round_dir, f"round_{r:05d}.npz")
+    if os.path.exists(path):
+      with np.load(path) as f:
+        out.append(f["images"])
+      continue
+    y = _global_labels(_labels(config, batch, r * batch), mesh)
+    x = images.to_uint8(_to_host(sampler(params, jax.random.fold_in(rng, r), y=y)))
+    if jax.process_index() == 0:
+      images.save_npz(path, x)
+    out.append(x)
+    logging.info("FID samples: round %d/%d saved", r + 1, rounds)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("fid_rounds")
+  return np.concatenate(out)[:num]
+
+
+def evaluate(config, workdir: str) -> Dict[str, float]:
+  """Bits/dim and (when a feature extractor is configured) FID/IS of the newest checkpoint.
+
+  Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
+  """
+  from ddpm import fid, input_pipeline
+  params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
+  dataset = input_pipeline.create_datasets(config, seed=config.seed)
+  results: Dict[str, float] = {"step": step}
+  if config.eval.bpd_num_images > 0 and config.data.num_classes == 0:
+    test = dataset.eval_images(config.eval.bpd_num_images)
+    results.update(compute_bpd(config, params, mesh, model, diffusion, test,
+                               jax.random.key(config.seed + 7)))
+  if config.eval.num_samples > 0 and config.eval.feature_extractor != "none":
+    features_fn = fid.feature_fn_from_config(config)
+    mu_ref, sigma_ref = reference_statistics(config, features_fn, dataset)
+    samples = sample_in_rounds(config, workdir, step, params, mesh, model, diffusion)
+    feats, logits = fid.features_in_batches(features_fn, samples, config.eval.batch_size)
+    mu, sigma = fid.compute_statistics(feats)
+    results["fid"] = float(fid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
+    if logits is not None:
+      results["inception_score"], results["inception_score_std"] = map(
+          float, fid.inception_score(logits))
+    results["fid_num_samples"] = int(samples.shape[0])
+  if jax.process_index() == 0:
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    path = os.path.join(eval_dir, f"eval_{step}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    try:
+      from tensorboardX import SummaryWriter
+      with SummaryWriter(os.path.join(workdir, "tensorboard")) as tb:
+        for k, v in results.items():
+          if k != "step":
+            tb.add_scalar(f"eval/{k}", v, step)
+    except ImportError:  # pragma: no cover
+      pass
+    logging.info("Evaluation at step %d: %s (%s)", step, results, path)
+  return results
+
+
+def run_eval(config, workdir: str) -> Dict[str, float]:
+  """--mode=eval."""
+  results = evaluate(config, workdir)
+  if jax.process_index() == 0:
+    print(json.dumps(results, indent=2), flush=True)
+  return results

@@ -1,0 +1,138 @@
+"""Ablation sweeps: named variants of one config, run one after another, summarised in a table.
+
+A config declares its variants as nested overrides of its own fields:
+
+  config.variants = {
+      "linear": {},
+      "cosine": {"diffusion": {"beta_schedule": "cosine"}},
+      "v_pred": {"diffusion": {"model_mean_type": "v"}},
+  }
+
+`launch.py --mode=sweep` trains and evaluates each variant into `workdir/<variant>/` and writes
+`workdir/results.csv` and `workdir/results.md`; `--variant=NAME` runs only that one (e.g. one per pod
+slice), and the tables then list every variant whose `result.json` exists in the workdir.
+"""
+import copy
+import csv
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ddpm import config_validation
+
+COLUMNS = ("variant", "final_loss", "bpd", "fid", "images_per_s", "train_wall_s", "steps")
+
+
+def variant_names(config) -> List[str]:
+  return list(config.get("variants", {}).keys())
+
+
+def _merge(config: ml_collections.ConfigDict, overrides, prefix: str):
+  for key, value in overrides.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      raise config_validation.ConfigError(f"config.{name}: unknown key in a variant override")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      _merge(config[key], value, name + ".")
+    else:
+      config[key] = value
+
+
+def variant_config(config, name: str) -> ml_collections.ConfigDict:
+  """`config` with the overrides of variant `name` applied and `variants` removed; validated."""
+  names = variant_names(config)
+  if name not in names:
+    raise ValueError(f"unknown variant {name!r}; this config defines: {', '.join(names) or 'none'}")
+  out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  overrides = out.variants[name]
+  del out["variants"]
+  _merge(out, overrides, "")
+  return config_validation.validate_config(out, num_devices=jax.device_count())
+
+
+def run_variant(config, workdir: str) -> Dict[str, float]:
+  """Trains (or resumes) one variant in `workdir`, evaluates it, writes workdir/result.json."""
+  from ddpm import evaluation, train
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - start
+  metrics = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  result = {
+      "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
+      "images_per_s": float(np.mean([m["images_per_s"] for m in metrics])) if metrics else float("nan"),
+      "train_wall_s": wall,
+      "steps": config.training.num_train_steps,
+  }
+  result.update(evaluation.evaluate(config, workdir))
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "result.json"), result)
+  return result
+
+
+def run_sweep(config, workdir: str, only: Optional[str] = None) -> List[Dict]:
+  """Runs every variant (or only `only`) and writes results.csv and results.md in `workdir`."""
+  names = variant_names(config)
+  if not names:
+    raise ValueError("--mode=sweep needs a config with `config.variants` (see ddpm/sweep.py)")
+  todo = [only] if only else names
+  variant_configs = {name: variant_config(config, name) for name in todo}  # fail before training
+  for i, name in enumerate(todo):
+    logging.info("=== sweep variant %d/%d: %s ===", i + 1, len(todo), name)
+    run_variant(variant_configs[name], os.path.join(workdir, name))
+  rows = collect_results(workdir, names)
+  if jax.process_index() == 0:
+    write_tables(workdir, rows)
+    logging.info("Sweep results: %s and %s", os.path.join(workdir, "results.csv"),
+                 os.path.join(workdir, "results.md"))
+  return rows
+
+
+def collect_results(workdir: str, names: List[str]) -> List[Dict]:
+  rows = []
+  for name in names:
+    path = os.path.join(workdir, name, "result.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows.append({"variant": name, **json.load(f)})
+  return rows
+
+
+def write_tables(workdir: str, rows: List[Dict]):
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+      w.writerow({c: row.get(c, "") for c in COLUMNS})
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  for row in rows:
+    lines.append("| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "n/a"
+  if isinstance(value, float):
+    return "n/a" if np.isnan(value) else f"{value:.4g}"
+  return str(value)
+
+
+def _read_metrics(path: str) -> List[Dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
