@@ -39,8 +39,20 @@ def _parse_flags(argv):
     sys.exit(f"launch.py: {e}\nPass --helpfull to see the flags.")
 
 
+def _quiet_library_info_logs():
+  """Orbax logs every save step at INFO; keep ours readable (its warnings still show)."""
+  import logging as std_logging
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
 def main(argv):
   del argv
+  _quiet_library_info_logs()
   import jax  # after flag parsing, so --helpfull stays fast
   from ddpm import config_validation, distributed
 
