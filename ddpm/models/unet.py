@@ -19,6 +19,7 @@ stay float32) and `remat` rematerialises the residual blocks in the backward pas
 
 Images are NHWC. All modules are pure: dropout draws from the 'dropout' RNG stream.
 """
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -92,13 +93,94 @@ def _group_norm(channels: int, dtype: Dtype, name: str) -> nn.GroupNorm:
                       param_dtype=jnp.float32, name=name)
 
 
+# ---- convolution with a loop-safe gradient on CPU ------------------------------------------
+# XLA:CPU rewrites convolutions into the form its fast kernels (Eigen / XNNPACK) take only in the
+# top-level computation, not inside while loops (jax issue #12868). The gradients JAX derives
+# for a conv (w.r.t. the kernel: batch and feature roles swapped, the 32x32 output as the window)
+# are not in that form, so inside a lax.scan (the train step's steps_per_dispatch loop) they fell
+# back to naive loops: a bench32 train step took ~66 s instead of ~2 s. On CPU the backward pass
+# below writes both gradients as NHWC x HWIO convolutions with explicit transposes, a form the
+# fast kernels take anywhere; other platforms keep JAX's own gradient (cuDNN / TPU recognise it).
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_plain(x, w, strides, pads):
+  return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DIMS)
+
+
+def _conv_grads_canonical(x, w, g, strides, pads):
+  """(dx, dw) of y = conv(x, w) with only NHWC x HWIO convolutions. x: [B, H, W, I],
+  w: [KH, KW, I, O], g = dL/dy: [B, Ho, Wo, O]."""
+  k = w.shape[:2]
+  size = x.shape[1:3]
+  out = g.shape[1:3]
+  # dx[i] = sum_k gd[i + lo - k] w[k] with gd = g dilated by the stride: a correlation of gd with
+  # the flipped, in/out-swapped kernel, padded K - 1 - lo before (and the rest after).
+  dx_pads = [(k[d] - 1 - pads[d][0], size[d] - 1 - (out[d] - 1) * strides[d] + pads[d][0])
+             for d in range(2)]
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), dx_pads, lhs_dilation=strides,
+                                    dimension_numbers=_DIMS)
+  # dw[a, b, i, o] = sum_{n, h, v} x_pad[n, h s + a, v s + b, i] g[n, h, v, o]: a convolution of
+  # x^T [I, H, W, B] (I as the batch, B as the features) with g^T [Ho, Wo, B, O] as the kernel.
+  dw_pads = [(pads[d][0], k[d] + (out[d] - 1) * strides[d] - size[d] - pads[d][0])
+             for d in range(2)]
+  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
+                                    dw_pads, rhs_dilation=strides, dimension_numbers=_DIMS)
+  return dx, dw.transpose(1, 2, 0, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_loop_safe(x, w, strides, pads):
+  return _conv_plain(x, w, strides, pads)
+
+
+def _conv_loop_safe_fwd(x, w, strides, pads):
+  return _conv_plain(x, w, strides, pads), (x, w)
+
+
+def _conv_loop_safe_bwd(strides, pads, res, g):
+  x, w = res
+
+  def jax_grads(x, w, g):
+    return jax.vjp(lambda a, b: _conv_plain(a, b, strides, pads), x, w)[1](g)
+
+  def cpu_grads(x, w, g):
+    return _conv_grads_canonical(x, w, g, strides, pads)
+
+  return jax.lax.platform_dependent(x, w, g, cpu=cpu_grads, default=jax_grads)
+
+
+_conv_loop_safe.defvjp(_conv_loop_safe_fwd, _conv_loop_safe_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for nn.Conv (NHWC x HWIO 2-D convolutions, no dilation, no
+  groups) with the loop-safe CPU gradient described above. Same values as the lax op."""
+  if lhs.ndim != 4 or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) \
+      or feature_group_count != 1 or precision is not None:
+    raise ValueError("conv_general_dilated here supports 2-D NHWC convolutions without "
+                     f"dilation, groups or precision, got input shape {lhs.shape}, lhs_dilation="
+                     f"{lhs_dilation}, rhs_dilation={rhs_dilation}, feature_group_count="
+                     f"{feature_group_count}, precision={precision}")
+  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if dims != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS):
+    raise ValueError(f"expected NHWC x HWIO dimension numbers, got {dimension_numbers}")
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_loop_safe(lhs, rhs, strides, pads)
+
+
 def _conv(features: int, dtype: Dtype, name: str, *, kernel: int = 3, stride: int = 1,
           init_scale: float = 1.0) -> nn.Conv:
   # 'SAME' padding follows TF's convention (for stride 2 on even sizes: pad 0 before, 1 after),
   # as the official model did.
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                  kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+                 conv_general_dilated=conv_general_dilated, name=name)
 
 
 def _dense(features: int, dtype: Dtype, name: str, init_scale: float = 1.0) -> nn.Dense:
