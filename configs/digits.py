@@ -1,7 +1,7 @@
 """The offline demo: scikit-learn's bundled 8x8 handwritten digits, upsampled to 16x16.
 
-1797 real images, 10 classes, no download. A small U-Net (about 0.5M parameters) trains on
-2 CPU cores in about ten minutes to samples that are recognisably digits.
+1797 real images (1442 for training), 10 classes, no download. A small U-Net (about 0.28M
+parameters) trains for 3000 steps on 2 CPU cores in about ten minutes.
 """
 from configs import default
 
@@ -13,7 +13,7 @@ def get_config():
   config.data.channels = 1
   config.data.random_flip = False  # a flipped digit is not a digit
 
-  config.model.ch = 32
+  config.model.ch = 16
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
@@ -23,9 +23,9 @@ def get_config():
   config.diffusion.beta_schedule = "linear"
 
   config.training.batch_size = 64
-  config.training.num_train_steps = 4000
+  config.training.num_train_steps = 3000
   config.training.log_every = 100
-  config.training.checkpoint_every = 1000
+  config.training.checkpoint_every = 500
   config.training.sample_every = 1000
   config.training.ema_decay = 0.999
   config.training.steps_per_dispatch = 10

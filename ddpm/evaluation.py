@@ -140,8 +140,15 @@ def run_sampling(config, workdir: str) -> Dict[str, str]:
 
 
 def make_training_sample_hook(config, workdir: str, model, diffusion, mesh):
-  """hook(state, step) writing an EMA sample grid to workdir/samples/ema_<step>.png."""
+  """hook(state, step) writing an EMA sample grid to workdir/samples/ema_<step>.png.
+
+  Previews use deterministic DDIM with at most 50 steps, so they cost little training time.
+  """
   batch = _sampling_batch(config, min(config.sampling.batch_size, 64))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sampling.method, config.sampling.eta = "ddim", 0.0
+    config.sampling.num_steps = min(50, diffusion.num_timesteps)
   sampler = sampling.make_sampler_from_config(config, diffusion,
                                               sampling.apply_fn_from_model(model), mesh=mesh,
                                               batch_size=batch, intermediate_every=0)
