@@ -38,4 +38,13 @@ def get_config():
   config.eval.num_samples = 256
   config.eval.bpd_num_images = 64
   config.eval.feature_extractor = "none"
+
+  # Ablations for --mode=sweep (ConfigDict runs them in alphabetical order).
+  config.variants = {
+      "linear_eps": {},
+      "cosine_eps": {"diffusion": {"beta_schedule": "cosine"}},
+      "linear_v": {"diffusion": {"model_mean_type": "v"}},
+      "cosine_hybrid": {"diffusion": {"beta_schedule": "cosine", "model_var_type": "learned_range",
+                                      "loss_type": "hybrid"}},
+  }
   return config
