@@ -28,6 +28,7 @@ def get_config():
   config.training.checkpoint_every = 500
   config.training.sample_every = 1000
   config.training.ema_decay = 0.999
+  config.training.ema_warmup = True  # short run: do not let the EMA remember the init
   config.training.steps_per_dispatch = 10
 
   config.optim.lr = 1e-3
