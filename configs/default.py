@@ -97,4 +97,14 @@ def get_config():
   evaluation.feature_extractor = "inception"  # inception | none
   evaluation.inception_weights = ""           # local .npz/.pth of the FID Inception weights
 
+  # ---- benchmark (launch.py --mode=benchmark) ---------------------------------------------
+  config.benchmark = benchmark = ml_collections.ConfigDict()
+  benchmark.warmup_steps = 2       # untimed train-step dispatches after compilation
+  benchmark.train_steps = 10       # timed train-step dispatches (the median is reported)
+  benchmark.sample_steps = 20      # reverse steps of the timed sampler run (0 = the full sampler)
+  benchmark.sample_repeats = 2     # timed sampler runs (the median is reported)
+  benchmark.peak_flops = 0.0       # > 0: peak FLOP/s per device for the MFU (else vendor table;
+                                   # on CPU a matmul of cpu_matmul_size^2 is timed)
+  benchmark.cpu_matmul_size = 2048
+
   return config
