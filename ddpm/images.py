@@ -110,7 +110,7 @@ def _atomic_write(path, data: bytes) -> str:
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
   try:
     tmp.write_bytes(data)
-    tmp.rename(path)
+    tmp.replace(path)  # overwrite like os.replace (a rerun of a mode rewrites its outputs)
   finally:
     if tmp.exists():
       tmp.unlink()
