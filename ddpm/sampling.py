@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import diffusion as diffusion_lib
+from ddpm.models import unet
 
 METHODS = ("ddpm", "ddim", "heun")
 SPACINGS = ("uniform", "quadratic")
@@ -396,7 +397,8 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
                  num_steps: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
                  spacing: str = "uniform", guidance_scale: float = 0.0,
                  intermediate_every: int = 0, null_label: Optional[int] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+                 mesh: Optional[jax.sharding.Mesh] = None,
+                 compiler_options: Optional[dict] = None) -> Callable:
   """Compiles a sampler once: returns fn(params, rng, y=None, noise=None) -> like `sample`.
 
   Args:
@@ -407,6 +409,8 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
       own noise, see the module docstring) and returns the global batch sharded over 'data'.
       Single process: inputs are placed on the mesh here. Several processes: pass params
       replicated and y as a global array (`jax.make_array_from_process_local_data`).
+    compiler_options: XLA options for the compilation (`jax.jit(compiler_options=...)`), e.g.
+      `ddpm.models.unet.xla_compiler_options(platform)`.
     Other arguments: as for `sample`.
   The returned fn jits once per (params structure, y given or not, noise given or not). It
   carries `.timesteps` (the kept timesteps, increasing) and `.num_function_evals` (model calls
@@ -432,12 +436,12 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
                          intermediate_every=intermediate_every)
 
   if mesh is None:
-    compiled = jax.jit(local)
+    compiled = jax.jit(local, compiler_options=compiler_options)
   else:
     out_specs = (P(DATA_AXIS), P(None, DATA_AXIS)) if intermediate_every else P(DATA_AXIS)
     compiled = jax.jit(jax.shard_map(local, mesh=mesh,
                                      in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
-                                     out_specs=out_specs))
+                                     out_specs=out_specs), compiler_options=compiler_options)
 
   def sampler(params, rng, y=None, noise=None):
     _check_labels(y, shape[0], guidance_scale)
@@ -485,8 +489,10 @@ def make_sampler_from_config(config, diffusion, apply_fn: Callable,
   """`make_sampler` with the settings of config.sampling (batch: config.sampling.batch_size).
 
   The null label of classifier-free guidance is config.data.num_classes (the extra class the
-  model learns with model.class_dropout > 0).
+  model learns with model.class_dropout > 0). Compiles with the U-Net's XLA options for the
+  platform of `mesh` (default: the default backend), see `unet.xla_compiler_options`.
   """
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
   s = config.sampling
   size, channels = config.data.image_size, config.data.channels
   batch = s.batch_size if batch_size is None else batch_size
@@ -496,4 +502,5 @@ def make_sampler_from_config(config, diffusion, apply_fn: Callable,
       spacing=s.spacing, guidance_scale=s.guidance_scale,
       intermediate_every=s.intermediate_every if intermediate_every is None
       else intermediate_every,
-      null_label=config.data.num_classes if s.guidance_scale > 0 else None, mesh=mesh)
+      null_label=config.data.num_classes if s.guidance_scale > 0 else None, mesh=mesh,
+      compiler_options=unet.xla_compiler_options(platform))

@@ -178,3 +178,16 @@ def test_conv_rejects_unsupported_arguments():
     unet.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMS)
   with pytest.raises(ValueError, match="NHWC"):
     unet.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+def test_xla_compiler_options_compile_and_keep_values():
+  """The U-Net's XLA:CPU options are accepted by this jaxlib, keep convolutions off YNNPACK
+  (Eigen runs them on all cores) and change no values."""
+  assert unet.xla_compiler_options("gpu") == {} and unet.xla_compiler_options("tpu") == {}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
+  plain = jax.jit(_conv).lower(x, w).compile()
+  tuned = jax.jit(_conv, compiler_options=unet.xla_compiler_options("cpu")).lower(x, w).compile()
+  assert "ynn_fusion" not in tuned.as_text()
+  np.testing.assert_allclose(tuned(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
