@@ -191,3 +191,31 @@ def test_xla_compiler_options_compile_and_keep_values():
   tuned = jax.jit(_conv, compiler_options=unet.xla_compiler_options("cpu")).lower(x, w).compile()
   assert "ynn_fusion" not in tuned.as_text()
   np.testing.assert_allclose(tuned(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 4, 4, 16), 8), ((1, 3, 5, 6), 3), ((2, 2, 2, 4), 1)])
+def test_group_norm_matches_float64_numpy_and_flax_params(shape, groups):
+  """unet.GroupNorm (the fast formulation) against the definition in float64 numpy, with
+  flax.linen.GroupNorm's parameter tree."""
+  import flax.linen as nn
+  rng = np.random.default_rng(0)
+  x = (3.0 * rng.standard_normal(shape) + 1.5).astype(np.float32)
+  norm = unet.GroupNorm(num_groups=groups, epsilon=1e-6)
+  params = norm.init(jax.random.key(0), jnp.asarray(x))["params"]
+  reference_shapes = jax.eval_shape(nn.GroupNorm(num_groups=groups).init, jax.random.key(0),
+                                    jnp.asarray(x))["params"]
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), reference_shapes)
+  params = {"scale": jnp.asarray(1 + 0.2 * rng.standard_normal(shape[-1]), jnp.float32),
+            "bias": jnp.asarray(0.2 * rng.standard_normal(shape[-1]), jnp.float32)}
+  got = norm.apply({"params": params}, jnp.asarray(x))
+  b, h, w, c = shape
+  g = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
+  mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(shape)
+  want = want * np.asarray(params["scale"], np.float64) + np.asarray(params["bias"], np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  half = unet.GroupNorm(num_groups=groups, dtype=jnp.bfloat16).apply(
+      {"params": params}, jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=0.05, atol=0.05)

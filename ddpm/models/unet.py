@@ -86,11 +86,48 @@ def num_groups(channels: int) -> int:
   return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def _group_norm(channels: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """Group normalisation (Wu & He 2018) of NHWC inputs, with a learned per-channel affine.
+
+  The parameters ('scale' = 1, 'bias' = 0, [C] float32) and the values are those of
+  flax.linen.GroupNorm: mean and biased variance E[x^2] - E[x]^2 (clipped at 0) over H, W and
+  the C / G channels of each group, in float32 also for bfloat16 inputs; epsilon inside the
+  square root. The statistics are per-channel sums over H x W (contiguous reductions) added up
+  per group, and the normalisation is one multiply-add per element with per-(example, channel)
+  coefficients; XLA:CPU ran flax's version (reductions over strided [H W, C / G] blocks) 2-5x
+  slower (16x32x32x64 forward: 4.8 ms vs 0.8 ms).
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
+    if x.ndim != 4:
+      raise ValueError(f"GroupNorm expects NHWC inputs, got shape {x.shape}")
+    b, height, width, c = x.shape
+    groups = self.num_groups
+    if groups < 1 or c % groups:
+      raise ValueError(f"num_groups={groups} must be >= 1 and divide the {c} channels")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    per_group = c // groups
+    count = height * width * per_group
+    channel_sum = jnp.sum(xf, axis=(1, 2))                       # [B, C]
+    channel_sq_sum = jnp.sum(jnp.square(xf), axis=(1, 2))
+    mean = channel_sum.reshape(b, groups, per_group).sum(-1) / count          # [B, G]
+    mean_sq = channel_sq_sum.reshape(b, groups, per_group).sum(-1) / count
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    mul = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1) * scale  # [B, C]
+    add = bias - jnp.repeat(mean, per_group, axis=1) * mul
+    return (xf * mul[:, None, None, :] + add[:, None, None, :]).astype(self.dtype)
+
+
+def _group_norm(channels: int, dtype: Dtype, name: str) -> GroupNorm:
   """GroupNorm(32) as in DDPM (see `num_groups` for narrow models)."""
-  # Flax reduces the statistics in float32 even for bfloat16 inputs (force_float32_reductions).
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
 
 
 # ---- convolution with a loop-safe gradient on CPU ------------------------------------------
