@@ -442,11 +442,18 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
   return results
 
 
+def _si(value: Optional[float], unit: str) -> str:
+  """1.23e11, 'FLOP' -> '123.0 GFLOP'; None -> 'n/a'."""
+  if value is None:
+    return "n/a"
+  for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= factor:
+      return f"{value / factor:.1f} {prefix}{unit}"
+  return f"{value:.1f} {unit}"
+
+
 def format_table(r: Dict[str, Any]) -> str:
   """A readable summary of `run_benchmark`'s results."""
-  def num(v, fmt):
-    return "n/a" if v is None else format(v, fmt)
-
   rows = [
       ("model", f"{r['params']:,} parameters, {r['image_size']}x{r['image_size']}x"
                 f"{r['channels']}, batch {r['batch_size']}, {r['compute_dtype']}"),
@@ -456,18 +463,19 @@ def format_table(r: Dict[str, Any]) -> str:
       ("compile: sampler", f"{r['compile_sample_s']:.1f} s"),
       ("train step", f"{r['train_step_s'] * 1e3:.1f} ms (median of {len(r['train_step_s_all'])})"),
       ("train images/s", f"{r['train_images_per_s']:.1f}"),
-      ("train FLOPs/step (XLA)", f"{r['train_flops_per_step'] / 1e9:.1f} GFLOP"),
-      ("train FLOPs/step (conv+matmul)", f"{r['train_model_flops_per_step'] / 1e9:.1f} GFLOP"),
-      ("train FLOP/s (XLA)", f"{r['train_flops_per_s'] / 1e9:.1f} GFLOP/s"),
-      ("peak FLOP/s", f"{num(r['peak_flops_per_s'] and r['peak_flops_per_s'] / 1e9, '.1f')} "
-                      f"GFLOP/s ({r['peak_flops_source']})"),
-      ("MFU", num(r["mfu"] and 100 * r["mfu"], ".1f") + " %"),
+      ("train FLOPs/step (XLA)", _si(r["train_flops_per_step"], "FLOP")),
+      ("train FLOPs/step (conv+matmul)", _si(r["train_model_flops_per_step"], "FLOP")),
+      ("train FLOP/s (XLA)", _si(r["train_flops_per_s"], "FLOP/s")),
+      ("train FLOP/s (conv+matmul)", _si(r["train_model_flops_per_s"], "FLOP/s")),
+      ("peak FLOP/s", f"{_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_flops_source']})"),
+      ("MFU", "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"),
       ("sampler step", f"{r['sample_step_s'] * 1e3:.1f} ms ({r['sample_method']}, batch "
                        f"{r['sample_batch']}, {r['sample_nfe_timed']} steps timed)"),
       ("full sampling", f"{r['sample_full_s']:.1f} s for {r['sample_batch']} images "
                         f"({r['sample_full_nfe']} steps), {r['sample_s_per_image']:.2f} s/image"),
       ("peak host memory", f"{r['peak_host_mem_mb']:.0f} MiB"),
-      ("peak device memory", num(r["device_peak_mem_mb"], ".0f") + " MiB"),
+      ("peak device memory", "n/a" if r["device_peak_mem_mb"] is None else
+       f"{r['device_peak_mem_mb']:.0f} MiB"),
   ]
   width = max(len(k) for k, _ in rows)
   lines = ["Benchmark", "-" * (width + 40)]
