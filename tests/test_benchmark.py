@@ -219,3 +219,22 @@ def test_group_norm_matches_float64_numpy_and_flax_params(shape, groups):
       {"params": params}, jnp.asarray(x, jnp.bfloat16))
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_group_norm_gradient_equals_autodiff_of_flax_group_norm():
+  """The hand-written GroupNorm backward pass against JAX's autodiff of flax.linen.GroupNorm."""
+  import flax.linen as nn
+  rng = np.random.default_rng(1)
+  shape, groups = (2, 4, 6, 8), 4
+  x = jnp.asarray(2.0 * rng.standard_normal(shape) + 0.7, jnp.float32)
+  params = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(8), jnp.float32),
+            "bias": jnp.asarray(0.3 * rng.standard_normal(8), jnp.float32)}
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+  def loss(module):
+    return lambda p, x: jnp.sum(module.apply({"params": p}, x) * dy)
+
+  want = jax.grad(loss(nn.GroupNorm(num_groups=groups, epsilon=1e-6)), (0, 1))(params, x)
+  got = jax.grad(loss(unet.GroupNorm(num_groups=groups)), (0, 1))(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)

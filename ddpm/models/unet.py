@@ -112,17 +112,65 @@ class GroupNorm(nn.Module):
       raise ValueError(f"num_groups={groups} must be >= 1 and divide the {c} channels")
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    per_group = c // groups
-    count = height * width * per_group
-    channel_sum = jnp.sum(xf, axis=(1, 2))                       # [B, C]
-    channel_sq_sum = jnp.sum(jnp.square(xf), axis=(1, 2))
-    mean = channel_sum.reshape(b, groups, per_group).sum(-1) / count          # [B, G]
-    mean_sq = channel_sq_sum.reshape(b, groups, per_group).sum(-1) / count
-    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-    mul = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1) * scale  # [B, C]
-    add = bias - jnp.repeat(mean, per_group, axis=1) * mul
-    return (xf * mul[:, None, None, :] + add[:, None, None, :]).astype(self.dtype)
+    return _group_norm_affine(x, scale, bias, groups, self.epsilon).astype(self.dtype)
+
+
+def _group_stats(x, groups, eps):
+  """x: [B, H, W, C] -> (mean, 1 / sqrt(var + eps)), each [B, C] (per group, repeated)."""
+  b, height, width, c = x.shape
+  per_group = c // groups
+  count = height * width * per_group
+  xf = x.astype(jnp.float32)
+  mean = jnp.sum(xf, axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count   # [B, G]
+  mean_sq = jnp.sum(jnp.square(xf), axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count
+  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
+  return jnp.repeat(mean, per_group, axis=1), jnp.repeat(inv, per_group, axis=1)
+
+
+def _group_sum(a, groups):
+  """[B, C] -> per-group sums repeated over the group's channels, [B, C]."""
+  b, c = a.shape
+  return jnp.repeat(a.reshape(b, groups, c // groups).sum(-1), c // groups, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm_affine(x, scale, bias, groups, eps):
+  """GroupNorm with affine: [B, H, W, C] -> float32 [B, H, W, C]."""
+  mean, inv = _group_stats(x, groups, eps)
+  mul = inv * scale
+  return x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
+
+
+def _group_norm_affine_fwd(x, scale, bias, groups, eps):
+  mean, inv = _group_stats(x, groups, eps)
+  mul = inv * scale
+  y = x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
+  return y, (x, scale, mean, inv)
+
+
+def _group_norm_affine_bwd(groups, eps, res, dy):
+  # With xh = (x - mean) inv and g = dy scale, the input gradient is
+  #   dx = inv (g - E[g] - xh E[g xh])   (expectations over a group's H, W and channels),
+  # written as dx = dy * inv * scale + x * p + q with per-(example, channel) p, q: one pass of
+  # per-channel sums of dy and dy * x, one elementwise pass (autodiff of the forward made more).
+  x, scale, mean, inv = res
+  b, height, width, c = x.shape
+  count = height * width * (c // groups)
+  xf = x.astype(jnp.float32)
+  s1 = jnp.sum(dy, axis=(1, 2))              # [B, C]: sum of dy
+  s2 = jnp.sum(dy * xf, axis=(1, 2))         # [B, C]: sum of dy x
+  dxh_sum = s2 - mean * s1                   # sum of dy (x - mean), per channel
+  e_g = _group_sum(scale * s1, groups) / count                  # E[g]
+  e_gxh = _group_sum(scale * inv * dxh_sum, groups) / count     # E[g xh]
+  p = -inv * inv * e_gxh
+  q = -inv * e_g - p * mean
+  dx = dy * (inv * scale)[:, None, None, :] + xf * p[:, None, None, :] + q[:, None, None, :]
+  dscale = jnp.sum(inv * dxh_sum, axis=0)
+  dbias = jnp.sum(s1, axis=0)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+_group_norm_affine.defvjp(_group_norm_affine_fwd, _group_norm_affine_bwd)
 
 
 def _group_norm(channels: int, dtype: Dtype, name: str) -> GroupNorm:
