@@ -136,10 +136,7 @@ def validate_config(config: ml_collections.ConfigDict,
            f"must be in [0, 1), got {m.class_dropout}")
   _require(m.class_dropout == 0.0 or d.num_classes > 0, "model.class_dropout",
            "classifier-free guidance needs labels: set data.num_classes > 0")
-  for mult in m.ch_mult:
-    groups = min(32, m.ch * mult)
-    _require((m.ch * mult) % groups == 0, "model.ch",
-             f"{m.ch} x {mult} channels cannot be split into {groups} GroupNorm groups")
+  # Any width works for GroupNorm: the U-Net picks the groups per layer (unet.num_groups).
   if m.num_head_channels > 0:
     for mult in m.ch_mult:
       _require((m.ch * mult) % m.num_head_channels == 0, "model.num_head_channels",

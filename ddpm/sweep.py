@@ -56,18 +56,28 @@ def variant_config(config, name: str) -> ml_collections.ConfigDict:
   return config_validation.validate_config(out, num_devices=jax.device_count())
 
 
-def run_variant(config, workdir: str) -> Dict[str, float]:
-  """Trains (or resumes) one variant in `workdir`, evaluates it, writes workdir/result.json."""
+def run_variant(config, workdir: str) -> Optional[Dict]:
+  """Trains (or resumes) one variant in `workdir`, evaluates it, writes workdir/result.json.
+
+  Returns the result, or None when training stopped early on a preemption signal (SIGTERM /
+  SIGINT): the checkpoint is saved, nothing is evaluated, and rerunning resumes the variant.
+  """
   from ddpm import evaluation, train
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - start
+  trained = int(jax.device_get(state.step))
+  if trained < config.training.num_train_steps:
+    logging.warning("Variant in %s stopped at step %d of %d (preempted): not evaluated. Rerun "
+                    "the same command to resume it.", workdir, trained,
+                    config.training.num_train_steps)
+    return None
   metrics = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
   result = {
       "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
       "images_per_s": float(np.mean([m["images_per_s"] for m in metrics])) if metrics else float("nan"),
       "train_wall_s": wall,
-      "steps": config.training.num_train_steps,
+      "steps": trained,
   }
   result.update(evaluation.evaluate(config, workdir))
   if jax.process_index() == 0:
@@ -75,16 +85,37 @@ def run_variant(config, workdir: str) -> Dict[str, float]:
   return result
 
 
+def _finished(config, workdir: str) -> bool:
+  """Whether workdir holds the result of a completed run of this variant (a rerun skips it)."""
+  path = os.path.join(workdir, "result.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("steps") == config.training.num_train_steps
+
+
 def run_sweep(config, workdir: str, only: Optional[str] = None) -> List[Dict]:
-  """Runs every variant (or only `only`) and writes results.csv and results.md in `workdir`."""
+  """Runs every variant (or only `only`) and writes results.csv and results.md in `workdir`.
+
+  Variants already finished in `workdir` (result.json for the configured number of steps) are
+  not run again, so an interrupted sweep resumes where it stopped. A preemption signal stops
+  the sweep after saving the running variant; the tables then list the finished variants.
+  """
   names = variant_names(config)
   if not names:
     raise ValueError("--mode=sweep needs a config with `config.variants` (see ddpm/sweep.py)")
   todo = [only] if only else names
   variant_configs = {name: variant_config(config, name) for name in todo}  # fail before training
   for i, name in enumerate(todo):
+    variant_dir = os.path.join(workdir, name)
+    if _finished(variant_configs[name], variant_dir):
+      logging.info("=== sweep variant %d/%d: %s: finished earlier (%s), skipped ===", i + 1,
+                   len(todo), name, os.path.join(variant_dir, "result.json"))
+      continue
     logging.info("=== sweep variant %d/%d: %s ===", i + 1, len(todo), name)
-    run_variant(variant_configs[name], os.path.join(workdir, name))
+    if run_variant(variant_configs[name], variant_dir) is None:
+      logging.warning("Sweep stopped at variant %s; rerun the same command to continue.", name)
+      break
   rows = collect_results(workdir, names)
   if jax.process_index() == 0:
     write_tables(workdir, rows)

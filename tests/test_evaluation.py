@@ -57,12 +57,30 @@ def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
     evaluation.run_sampling(_config(), str(tmp_path))
 
 
-def test_sweep_writes_csv_and_markdown(tmp_path):
+def test_sweep_writes_csv_and_markdown_and_resumes(tmp_path, monkeypatch):
+  """A SIGTERM stops the sweep after saving; the rerun resumes it; a third run skips both."""
+  import signal
+  from ddpm import checkpointing
   c = _config()
+  c.training.num_train_steps = 4
   c.eval.bpd_num_images = 0
   c.variants = {"base": {}, "cosine": {"diffusion": {"beta_schedule": "cosine"}}}
+  original = checkpointing.PreemptionHandler.requested
+
+  def requested(self, step=None):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the loop installed
+    return original(self, step)
+
+  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", requested)
+  assert sweep.run_sweep(c, str(tmp_path)) == []
+  assert checkpointing.latest_step(str(tmp_path / "base" / "checkpoints")) == 2
+  assert not (tmp_path / "base" / "result.json").exists() and not (tmp_path / "cosine").exists()
+  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", original)
+
   rows = sweep.run_sweep(c, str(tmp_path))
   assert [r["variant"] for r in rows] == ["base", "cosine"]
+  assert [r["steps"] for r in rows] == [4, 4]
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [r["variant"] for r in table] == ["base", "cosine"]
@@ -71,6 +89,10 @@ def test_sweep_writes_csv_and_markdown(tmp_path):
   assert "| cosine |" in md
   # The cosine variant really trained with its own schedule.
   assert (tmp_path / "cosine" / "checkpoints").exists()
+
+  stamps = [os.stat(tmp_path / v / "result.json").st_mtime_ns for v in ("base", "cosine")]
+  assert sweep.run_sweep(c, str(tmp_path)) == rows
+  assert [os.stat(tmp_path / v / "result.json").st_mtime_ns for v in ("base", "cosine")] == stamps
 
 
 def test_unknown_variant_is_named():
