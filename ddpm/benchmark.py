@@ -481,3 +481,54 @@ def format_table(r: Dict[str, Any]) -> str:
   lines = ["Benchmark", "-" * (width + 40)]
   lines += [f"{k:<{width}}  {v}" for k, v in rows]
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison with the PyTorch reference (scripts/bench_peer.py, scripts/compare_peer.sh)
+# ---------------------------------------------------------------------------------------------
+def peer_ratios(ours: Dict[str, Any], peer: Dict[str, Any]) -> Dict[str, float]:
+  """Ratios of our benchmark.json (`run_benchmark`) to the peer's JSON (scripts/bench_peer.py).
+
+  Both count model FLOPs alike (convolutions and matmuls, 2 per multiply-add, a train step
+  3 x the forward), so `train_model_flops_per_s` is the architecture-neutral training speed;
+  `sample_speedup` compares the wall time of the full reverse process at the same batch and
+  number of steps (> 1: ours is faster). Raises ValueError when the two runs are not
+  comparable (other batch size, image size or number of sampling steps).
+  """
+  for ours_key, peer_key in (("batch_size", "batch"), ("image_size", "image_size"),
+                             ("sample_full_nfe", "timesteps")):
+    if ours[ours_key] != peer[peer_key]:
+      raise ValueError(f"not comparable: our {ours_key}={ours[ours_key]} but the peer's "
+                       f"{peer_key}={peer[peer_key]}")
+  return dict(
+      train_model_flops_per_s_ratio=ours["train_model_flops_per_s"] / peer["train_model_flops_per_s"],
+      train_images_per_s_ratio=ours["train_images_per_s"] / peer["train_images_per_s"],
+      sample_speedup=peer["sample_full_s"] / ours["sample_full_s"],
+      sample_step_speedup=peer["sample_step_s"] / ours["sample_step_s"],
+      model_flops_per_image_ratio=(ours["train_model_flops_per_step"] / ours["batch_size"]) / (
+          peer["train_model_flops_per_step"] / peer["batch"]),
+  )
+
+
+def format_peer_comparison(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
+  """A Markdown table of `peer_ratios` with the raw numbers of both runs."""
+  r = peer_ratios(ours, peer)
+  rows = [
+      ("parameters", f"{ours['params']:,}", f"{peer['params']:,}", ""),
+      ("model FLOPs per image (forward)", _si(ours["train_model_flops_per_step"] / 3 /
+                                             ours["batch_size"], "FLOP"),
+       _si(peer["fwd_flops_per_image"], "FLOP"), f"{r['model_flops_per_image_ratio']:.2f}x"),
+      ("train step", f"{ours['train_step_s']:.3f} s", f"{peer['train_step_s']:.3f} s", ""),
+      ("train images/s", f"{ours['train_images_per_s']:.1f}", f"{peer['train_images_per_s']:.1f}",
+       f"{r['train_images_per_s_ratio']:.2f}x"),
+      ("train model FLOP/s", _si(ours["train_model_flops_per_s"], "FLOP/s"),
+       _si(peer["train_model_flops_per_s"], "FLOP/s"), f"{r['train_model_flops_per_s_ratio']:.2f}x"),
+      ("reverse step", f"{ours['sample_step_s'] * 1e3:.0f} ms", f"{peer['sample_step_s'] * 1e3:.0f} ms",
+       f"{r['sample_step_speedup']:.2f}x faster"),
+      (f"full sampling, {ours['sample_full_nfe']} steps", f"{ours['sample_full_s']:.0f} s",
+       f"{peer['sample_full_s']:.0f} s", f"{r['sample_speedup']:.2f}x faster"),
+  ]
+  lines = [f"| batch {ours['batch_size']}, {ours['image_size']}x{ours['image_size']} | ddpm-jax "
+           f"({ours['compute_dtype']}) | denoising-diffusion-pytorch | ratio |", "|---|---|---|---|"]
+  lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+  return "\n".join(lines)

@@ -48,3 +48,52 @@ def make_data_mesh(devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else list(devices)
   return jax.sharding.Mesh(np.asarray(devices), ("data",),
                            axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU hosts: how many JAX devices
+# ---------------------------------------------------------------------------------------------
+# XLA:CPU splits each op of a step over the host's cores; the U-Net's many small ops (GroupNorm,
+# narrow or low-resolution convolutions) scale poorly that way. One JAX device per core, with the
+# batch split across them by the same shard_map code that spans a pod, ran configs/bench32.py's
+# reverse step about 1.3x faster on 2 cores (see the README's performance section).
+FORCE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def choose_cpu_devices(setting: str, batch_sizes, num_processes: int = 1,
+                       cores: Optional[int] = None) -> int:
+  """JAX devices per CPU process for `setting` ('auto' or a positive number).
+
+  'auto' is the largest n <= cores (the CPUs this process may run on) such that every batch size
+  divides into n * num_processes shards; a number is taken as it is (the config validation then
+  names any batch size it does not divide).
+  """
+  if setting != "auto":
+    try:
+      n = int(setting)
+    except ValueError:
+      n = 0
+    if n < 1:
+      raise ValueError(f"--cpu_devices must be 'auto' or a positive number, got {setting!r}")
+    return n
+  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  fits = [n for n in range(1, max(cores, 1) + 1)
+          if all(b % (n * num_processes) == 0 for b in batch_sizes)]
+  return max(fits) if fits else 1
+
+
+def configure_cpu_devices(setting: str, batch_sizes, num_processes: int = 1) -> Optional[int]:
+  """Sets the number of CPU devices before JAX starts its backends (call it first).
+
+  Does nothing, returning None, when XLA_FLAGS already sets FORCE_FLAG (tests, explicit
+  set-ups) or when 'auto' runs on a machine with an accelerator plugin (its devices do the
+  work; JAX_PLATFORMS=cpu counts as a CPU run). Returns the count it set.
+  """
+  if FORCE_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return None
+  cpu_run = os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin()
+  if setting == "auto" and not cpu_run:
+    return None
+  n = choose_cpu_devices(setting, batch_sizes, num_processes)
+  jax.config.update("jax_num_cpu_devices", n)
+  return n

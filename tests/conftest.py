@@ -21,3 +21,26 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def sigterm_at_step(monkeypatch):
+  """arm(step) makes the training loop receive a real SIGTERM when it checks for preemption
+  at `step` (the handler the loop installed gets it); arm returns a function that disarms it."""
+  from ddpm import checkpointing
+  original = checkpointing.PreemptionHandler.requested
+
+  def arm(at_step):
+    def requested(self, step=None):
+      if step == at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return original(self, step)
+
+    monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", requested)
+    return lambda: monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", original)
+
+  return arm

@@ -238,3 +238,30 @@ def test_group_norm_gradient_equals_autodiff_of_flax_group_norm():
   got = jax.grad(loss(unet.GroupNorm(num_groups=groups)), (0, 1))(params, x)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_peer_comparison_ratios_and_table(tiny_run):
+  """The README's comparison: ratios of our run to a peer run, checked against hand-made
+  numbers, and a clear error for runs that are not comparable."""
+  config, _, ours = tiny_run
+  fwd = ours["train_model_flops_per_step"] / 3 / ours["batch_size"]
+  peer = dict(params=1000, batch=ours["batch_size"], image_size=ours["image_size"],
+              timesteps=ours["sample_full_nfe"], fwd_flops_per_image=fwd / 2,
+              train_step_s=ours["train_step_s"] / 4,
+              train_model_flops_per_step=3 * fwd / 2 * ours["batch_size"],
+              sample_step_s=3 * ours["sample_step_s"])
+  peer["train_model_flops_per_s"] = peer["train_model_flops_per_step"] / peer["train_step_s"]
+  peer["train_images_per_s"] = peer["batch"] / peer["train_step_s"]
+  peer["sample_full_s"] = peer["sample_step_s"] * peer["timesteps"]
+  r = benchmark.peer_ratios(ours, peer)
+  # The peer does half the FLOPs per image in a quarter of the time: twice our FLOP/s.
+  assert r["train_model_flops_per_s_ratio"] == pytest.approx(0.5)
+  assert r["train_images_per_s_ratio"] == pytest.approx(0.25)
+  assert r["model_flops_per_image_ratio"] == pytest.approx(2.0)
+  assert r["sample_speedup"] == pytest.approx(3.0) and r["sample_step_speedup"] == pytest.approx(3.0)
+  table = benchmark.format_peer_comparison(ours, peer)
+  assert "3.00x faster" in table and "0.50x" in table
+  with pytest.raises(ValueError, match="batch_size"):
+    benchmark.peer_ratios(ours, dict(peer, batch=ours["batch_size"] + 1))
+  with pytest.raises(ValueError, match="sample_full_nfe"):
+    benchmark.peer_ratios(ours, dict(peer, timesteps=ours["sample_full_nfe"] + 1))

@@ -57,26 +57,18 @@ def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
     evaluation.run_sampling(_config(), str(tmp_path))
 
 
-def test_sweep_writes_csv_and_markdown_and_resumes(tmp_path, monkeypatch):
+def test_sweep_writes_csv_and_markdown_and_resumes(tmp_path, sigterm_at_step):
   """A SIGTERM stops the sweep after saving; the rerun resumes it; a third run skips both."""
-  import signal
   from ddpm import checkpointing
   c = _config()
   c.training.num_train_steps = 4
   c.eval.bpd_num_images = 0
   c.variants = {"base": {}, "cosine": {"diffusion": {"beta_schedule": "cosine"}}}
-  original = checkpointing.PreemptionHandler.requested
-
-  def requested(self, step=None):
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the loop installed
-    return original(self, step)
-
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", requested)
+  disarm = sigterm_at_step(2)
   assert sweep.run_sweep(c, str(tmp_path)) == []
   assert checkpointing.latest_step(str(tmp_path / "base" / "checkpoints")) == 2
   assert not (tmp_path / "base" / "result.json").exists() and not (tmp_path / "cosine").exists()
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", original)
+  disarm()
 
   rows = sweep.run_sweep(c, str(tmp_path))
   assert [r["variant"] for r in rows] == ["base", "cosine"]

@@ -164,23 +164,15 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
     assert checkpointing.nonfinite_leaves(restored[0]) == []
 
 
-def test_preemption_saves_and_resume_is_bitwise_identical(trained_run, tmp_path, monkeypatch):
+def test_preemption_saves_and_resume_is_bitwise_identical(trained_run, tmp_path, sigterm_at_step):
   """SIGTERM mid-run: the loop saves at the next step boundary and exits; a rerun finishes."""
-  import signal
   _, full = trained_run
   workdir = str(tmp_path)
-  original = checkpointing.PreemptionHandler.requested
-
-  def requested(self, step=None):
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the loop installed
-    return original(self, step)
-
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", requested)
+  disarm = sigterm_at_step(2)
   stopped = jax.device_get(train.train_and_evaluate(_tiny(), workdir))
   assert int(stopped.step) == 2
   assert checkpointing.latest_step(os.path.join(workdir, "checkpoints")) == 2
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", original)
+  disarm()
   resumed = jax.device_get(train.train_and_evaluate(_tiny(), workdir))
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's speed comparison with denoising-diffusion-pytorch, on this machine, in one run:
+# times the peer (in its own venv, ~/peer-venv, created on first use), then our benchmark of
+# configs/bench32.py, then prints the ratios. Extra arguments go to launch.py.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+PEER_VENV="${PEER_VENV:-$HOME/peer-venv}"
+OUT="${OUT:-runs/compare_peer}"
+if [ ! -x "$PEER_VENV/bin/python" ]; then
+  echo "[ddpm-jax] creating $PEER_VENV for denoising-diffusion-pytorch (PyTorch, about 1 GB)"
+  "${PYTHON:-python3}" -m venv "$PEER_VENV"
+  "$PEER_VENV/bin/pip" install --quiet torch==2.14.1 torchvision==0.29.1 \
+    denoising-diffusion-pytorch==2.3.4
+fi
+mkdir -p "$OUT"
+"$PEER_VENV/bin/python" scripts/bench_peer.py --out "$OUT/peer.json" > /dev/null
+"$PY" launch.py --config=configs/bench32.py --workdir="$OUT" --mode=benchmark \
+  --config.benchmark.sample_steps=100 "$@" > /dev/null
+"$PY" scripts/compare_peer.py "$OUT/benchmark.json" "$OUT/peer.json"
