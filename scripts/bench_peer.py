@@ -33,7 +33,8 @@ def main():
   p.add_argument("--train-steps", type=int, default=10, help="timed train steps")
   p.add_argument("--sample-steps", type=int, default=20, help="timed p_sample steps")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument("--threads", type=int, default=(len(os.sched_getaffinity(0)) if hasattr(
+      os, "sched_getaffinity") else os.cpu_count()), help="torch.set_num_threads")
   p.add_argument("--out", default="", help="also write the JSON here")
   args = p.parse_args()
 
