@@ -20,7 +20,6 @@ def get_config():
   data.channels = 1                # 1 (grey) or 3 (RGB)
   data.random_flip = False         # random horizontal flip of training images
   data.num_classes = 0             # > 0 when labels are used (class-conditional models)
-  data.shuffle_buffer = 10_000
   data.prefetch = 2                # batches prefetched onto the devices
   data.num_workers = 0             # grain worker processes (0 = in the main process)
 
