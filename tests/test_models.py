@@ -269,8 +269,9 @@ def test_model_jits_once_per_shape(base):
 
 # ---- attention against an independent float64 computation --------------------------------------
 
-def test_attention_block_matches_numpy():
-  block = AttnBlock(num_heads=2)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_block_matches_numpy(heads):
+  block = AttnBlock(num_heads=heads)
   x = np.random.RandomState(0).randn(2, 4, 4, 16).astype(np.float32)
   shapes = jax.eval_shape(block.init, jax.random.key(0), jnp.asarray(x))["params"]
   params = _random_params(shapes, seed=1, scale=0.3)
@@ -284,7 +285,7 @@ def test_attention_block_matches_numpy():
   h = ((g - mean) / np.sqrt(var + 1e-6)).reshape(b, hgt * wid, c)
   h = h * p["norm"]["scale"] + p["norm"]["bias"]
   q, k, v = (h @ p[n]["kernel"] + p[n]["bias"] for n in ("q", "k", "v"))
-  heads, d = 2, c // 2
+  d = c // heads
   q, k, v = (a.reshape(b, hgt * wid, heads, d).transpose(0, 2, 1, 3) for a in (q, k, v))
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
   w = np.exp(logits - logits.max(-1, keepdims=True))
