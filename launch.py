@@ -40,12 +40,17 @@ def _parse_flags(argv):
 
 
 def _quiet_library_info_logs():
-  """Orbax logs every save step at INFO; keep ours readable (its warnings still show)."""
+  """Orbax logs every save step at INFO; keep ours readable (its warnings still show, except
+  the one about the read-only checkpoint managers of the sample and eval modes)."""
   import logging as std_logging
 
   class _Filter(std_logging.Filter):
     def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+      if "/orbax/" not in record.pathname:
+        return True
+      if record.getMessage().startswith("Given directory is read only"):
+        return False  # sample/eval open the checkpoints read-only on purpose
+      return record.levelno >= std_logging.WARNING
 
   logging.get_absl_handler().addFilter(_Filter())
 
