@@ -23,6 +23,18 @@ import statistics
 import time
 
 
+def _timed(step, warmup, n):
+  """Calls step(i) for i = 0 .. warmup + n - 1; returns (seconds of the last n calls, last
+  result)."""
+  times, out = [], None
+  for i in range(warmup + n):
+    start = time.perf_counter()
+    out = step(i)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times, out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--image-size", type=int, default=32)
@@ -56,26 +68,25 @@ def main():
 
   opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4)
   images = torch.rand(shape)
-  diffusion.train()
-  train_s = []
-  for i in range(args.warmup + args.train_steps):
-    start = time.perf_counter()
+
+  def train_step(_):
     loss = diffusion(images)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss = loss.item()  # waits for the step
-    if i >= args.warmup:
-      train_s.append(time.perf_counter() - start)
+    return loss.item()  # waits for the step
+
+  diffusion.train()
+  train_s, loss = _timed(train_step, args.warmup, args.train_steps)
 
   diffusion.eval()
   x = torch.randn(shape)
-  sample_s = []
-  for i in range(args.warmup + args.sample_steps):
-    start = time.perf_counter()
+
+  def reverse_step(i):
+    nonlocal x
     x, _ = diffusion.p_sample(x, args.timesteps - 1 - i)
-    if i >= args.warmup:
-      sample_s.append(time.perf_counter() - start)
+
+  sample_s, _ = _timed(reverse_step, args.warmup, args.sample_steps)
   if not torch.isfinite(x).all():
     raise FloatingPointError("the peer's p_sample produced non-finite values")
 

@@ -5,8 +5,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 PEER_VENV="${PEER_VENV:-$HOME/peer-venv}"
 OUT="${OUT:-runs/compare_peer}"
-if [ ! -x "$PEER_VENV/bin/python" ]; then
-  echo "[ddpm-jax] creating $PEER_VENV for denoising-diffusion-pytorch (PyTorch, about 1 GB)"
+# Installs again when an earlier install did not finish (the venv exists but lacks the library).
+if ! "$PEER_VENV/bin/python" -c "import denoising_diffusion_pytorch" 2> /dev/null; then
+  echo "[ddpm-jax] installing denoising-diffusion-pytorch into $PEER_VENV (PyTorch, about 1 GB)"
   "${PYTHON:-python3}" -m venv "$PEER_VENV"
   "$PEER_VENV/bin/pip" install --quiet torch==2.14.1 torchvision==0.29.1 \
     denoising-diffusion-pytorch==2.3.4
