@@ -14,11 +14,14 @@ from ddpm import benchmark  # noqa: E402
 def main(argv):
   if len(argv) != 3:
     sys.exit(f"usage: {argv[0]} OUR_BENCHMARK_JSON PEER_JSON")
-  with open(argv[1]) as f:
-    ours = json.load(f)
-  with open(argv[2]) as f:
-    peer = json.load(f)
-  print(benchmark.format_peer_comparison(ours, peer))
+  try:
+    with open(argv[1]) as f:
+      ours = json.load(f)
+    with open(argv[2]) as f:
+      peer = json.load(f)
+    print(benchmark.format_peer_comparison(ours, peer))
+  except (OSError, ValueError, KeyError) as e:  # missing/corrupt file, runs not comparable
+    sys.exit(f"{argv[0]}: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
