@@ -23,6 +23,12 @@ flags.DEFINE_integer("num_processes", None, "Multi-process: total number of proc
 flags.DEFINE_integer("process_id", None, "Multi-process: index of this process.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+flags.DEFINE_string("cpu_devices", None,
+                    "CPU runs: JAX devices per process, a number or 'auto' (one per core, as "
+                    "many as every batch size of the config divides into); unset: one device. "
+                    "Each device takes a slice of every batch; on some CPUs this samples faster "
+                    "(README, 'Performance'). Ignored when XLA_FLAGS sets "
+                    "--xla_force_host_platform_device_count and on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -61,12 +67,20 @@ def main(argv):
   import jax  # after flag parsing, so --helpfull stays fast
   from ddpm import config_validation, distributed
 
+  config = _CONFIG.value
+  try:
+    cpu_devices = distributed.configure_cpu_devices(
+        FLAGS.cpu_devices, config_validation.batch_sizes(config), FLAGS.num_processes or 1)
+  except ValueError as e:
+    sys.exit(f"launch.py: {e}")
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                FLAGS.distributed)
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  config = _CONFIG.value
+  if cpu_devices is not None and jax.devices()[0].platform == "cpu":
+    logging.info("CPU: %d JAX device(s) per process (--cpu_devices=%s).", cpu_devices,
+                 FLAGS.cpu_devices)
   try:
     config_validation.validate_config(config, num_devices=jax.device_count())
   except config_validation.ConfigError as e:

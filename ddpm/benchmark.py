@@ -532,8 +532,10 @@ def format_peer_comparison(ours: Dict[str, Any], peer: Dict[str, Any]) -> str:
       (f"full sampling, {ours['sample_full_nfe']} steps", f"{ours['sample_full_s']:.0f} s",
        f"{peer['sample_full_s']:.0f} s", f"{r['sample_speedup']:.2f}x speed-up"),
   ]
+  devices = f"{ours['num_devices']} {ours['platform']} device" + (
+      "s" if ours["num_devices"] > 1 else "")
   lines = [f"| batch {ours['batch_size']}, {ours['image_size']}x{ours['image_size']} | ddpm-jax "
-           f"({ours['compute_dtype']}) | denoising-diffusion-pytorch | ours / peer |",
+           f"({ours['compute_dtype']}, {devices}) | denoising-diffusion-pytorch | ours / peer |",
            "|---|---|---|---|"]
   lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
   return "\n".join(lines)

@@ -49,6 +49,17 @@ def learns_sigma(config) -> bool:
   return config.diffusion.model_var_type in ("learned", "learned_range")
 
 
+def batch_sizes(config) -> tuple:
+  """Every batch size the config (and any of its sweep variants) runs with: training, sampling
+  and evaluation. Each must divide by the device count."""
+  groups = ("training", "sampling", "eval")
+  sizes = [config[g].batch_size for g in groups]
+  for overrides in config.get("variants", {}).values():
+    sizes += [overrides[g]["batch_size"] for g in groups
+              if g in overrides and "batch_size" in overrides[g]]
+  return tuple(sizes)
+
+
 def _type_ok(default: Any, value: Any) -> bool:
   if default is None or value is None:
     return True

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's speed comparison with denoising-diffusion-pytorch, on this machine, in one run:
 # times the peer (in its own venv, ~/peer-venv, created on first use), then our benchmark of
-# configs/bench32.py, then prints the ratios. Extra arguments go to launch.py.
+# configs/bench32.py on one CPU device and on one device per core, and prints a table of ratios
+# for each. Extra arguments go to launch.py.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 PEER_VENV="${PEER_VENV:-$HOME/peer-venv}"
 OUT="${OUT:-runs/compare_peer}"
@@ -14,6 +15,11 @@ if ! "$PEER_VENV/bin/python" -c "import denoising_diffusion_pytorch" 2> /dev/nul
 fi
 mkdir -p "$OUT"
 "$PEER_VENV/bin/python" scripts/bench_peer.py --out "$OUT/peer.json" > /dev/null
-"$PY" launch.py --config=configs/bench32.py --workdir="$OUT" --mode=benchmark \
-  --config.benchmark.sample_steps=100 "$@" > /dev/null
-"$PY" scripts/compare_peer.py "$OUT/benchmark.json" "$OUT/peer.json"
+# Ours twice: JAX's default of one CPU device, then one device per core (--cpu_devices=auto).
+for devices in default auto; do
+  flag=(); [ "$devices" = auto ] && flag=(--cpu_devices=auto)
+  "$PY" launch.py --config=configs/bench32.py --workdir="$OUT/$devices" --mode=benchmark \
+    --config.benchmark.sample_steps=100 "${flag[@]}" "$@" > /dev/null
+  "$PY" scripts/compare_peer.py "$OUT/$devices/benchmark.json" "$OUT/peer.json"
+  echo
+done

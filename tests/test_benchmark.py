@@ -261,6 +261,7 @@ def test_peer_comparison_ratios_and_table(tiny_run):
   assert r["sample_speedup"] == pytest.approx(3.0) and r["sample_step_speedup"] == pytest.approx(3.0)
   table = benchmark.format_peer_comparison(ours, peer)
   assert "3.00x speed-up" in table and "0.50x" in table
+  assert f"({ours['compute_dtype']}, {ours['num_devices']} cpu devices)" in table
   with pytest.raises(ValueError, match="batch_size"):
     benchmark.peer_ratios(ours, dict(peer, batch=ours["batch_size"] + 1))
   with pytest.raises(ValueError, match="sample_full_nfe"):
