@@ -180,6 +180,40 @@ def test_conv_rejects_unsupported_arguments():
     unet.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
 
+@pytest.mark.parametrize("shape,dtype", [((5, 6), jnp.float32), ((2, 3, 4, 6), jnp.float32),
+                                         ((2, 3, 4, 6), jnp.bfloat16)])
+def test_dense_gradient_equals_lax_gradient_also_inside_scan(shape, dtype):
+  """unet.dense_dot_general (nn.Dense's product with the CPU weight-gradient barrier): value and
+  both gradients equal those of lax.dot_general, also inside lax.scan and in bfloat16."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape), dtype)
+  w = jnp.asarray(rng.standard_normal((shape[-1], 7)), dtype)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.dot_general(x, w, dims), x, w)
+  g = jnp.asarray(rng.standard_normal(y_ref.shape), dtype)
+
+  @jax.jit
+  def in_scan(x, w, g):
+    def body(carry, _):
+      y, vjp = jax.vjp(lambda x, w: unet.dense_dot_general(x, w, dims), x, w)
+      return carry, (y,) + vjp(g)
+    return jax.lax.scan(body, 0, None, length=1)[1]
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for got, want in zip([a[0] for a in in_scan(x, w, g)], (y_ref,) + vjp_ref(g)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+
+
+def test_dense_rejects_unsupported_arguments():
+  x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+  with pytest.raises(ValueError, match="precision"):
+    unet.dense_dot_general(x, w, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+  with pytest.raises(ValueError, match=r"\(3, 2\)"):
+    unet.dense_dot_general(jnp.ones((3, 2)), w, (((0,), (0,)), ((), ())))
+
+
 def test_xla_compiler_options_compile_and_keep_values():
   """The U-Net's XLA:CPU options are accepted by this jaxlib, keep convolutions off YNNPACK
   (Eigen runs them on all cores) and change no values."""

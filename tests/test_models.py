@@ -85,6 +85,11 @@ def test_upsample_is_nearest_neighbour():
   x = np.random.RandomState(0).randn(2, 3, 5, 4).astype(np.float32)
   np.testing.assert_array_equal(upsample_nearest(jnp.asarray(x)),
                                 np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+  # Its gradient sums the cotangent over each 2x2 block.
+  g = np.random.RandomState(1).randn(2, 6, 10, 4).astype(np.float32)
+  _, vjp = jax.vjp(upsample_nearest, jnp.asarray(x))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], g.reshape(2, 3, 2, 5, 2, 4).sum((2, 4)),
+                             rtol=1e-6, atol=1e-6)
 
 
 # ---- timestep embedding ------------------------------------------------------------------------
