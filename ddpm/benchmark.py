@@ -235,6 +235,22 @@ def model_flops(jaxpr) -> float:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+def host_cpu() -> str:
+  """The host's CPU model ('model name' of /proc/cpuinfo on Linux) and the cores this process may
+  use: CPU results depend on both (e.g. AMX or not), so benchmark.json records them."""
+  name = platform.processor() or platform.machine() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          name = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{name}, {cores} cores"
+
+
 def peak_host_mem_mb() -> float:
   """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB, macOS in B)."""
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -413,6 +429,7 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
       device_kind=device.device_kind,
       num_devices=jax.device_count(),
       num_processes=jax.process_count(),
+      host_cpu=host_cpu(),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       params=int(n_params),
       image_size=config.data.image_size,
@@ -463,6 +480,7 @@ def format_table(r: Dict[str, Any]) -> str:
                 f"{r['channels']}, batch {r['batch_size']}, {r['compute_dtype']}"),
       ("devices", f"{r['num_devices']} x {r['device_kind']} ({r['platform']}), "
                   f"{r['num_processes']} process(es)"),
+      ("host", r["host_cpu"]),
       ("compile: train step", f"{r['compile_train_s']:.1f} s"),
       ("compile: sampler", f"{r['compile_sample_s']:.1f} s"),
       ("train step", f"{r['train_step_s'] * 1e3:.1f} ms (median of {len(r['train_step_s_all'])})"),

@@ -47,6 +47,9 @@ def test_writes_benchmark_json_with_finite_positive_numbers(tiny_run, capsys):
   assert 0 < written["mfu"] <= 1
   assert written["num_devices"] == jax.device_count() == 8
   assert written["device_peak_mem_mb"] is None  # CPU devices have no memory_stats()
+  cores = len(os.sched_getaffinity(0))
+  assert written["host_cpu"].endswith(f", {cores} cores") and len(written["host_cpu"]) > 9
+  assert written["host_cpu"] in benchmark.format_table(written)  # the printed table names it
   assert len(written["train_step_s_all"]) == config.benchmark.train_steps
 
 
