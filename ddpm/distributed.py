@@ -39,8 +39,9 @@ def maybe_initialize(coordinator_address: Optional[str] = None,
 # (GroupNorm, swish, narrow or low-resolution convolutions, attention) leave cores idle between
 # the big convolutions. With one JAX device per core, the batch is split across them by the same
 # shard_map code that spans a pod and the devices' programs fill each other's gaps. Measured on 2
-# cores (README, "Performance"): configs/bench32.py's reverse step 13% faster on an Intel Xeon
-# (Sapphire Rapids), no faster on an AMD EPYC; the train step no faster on either. Hence opt-in.
+# cores (README, "Performance"): configs/bench32.py's reverse step 11-15% faster on an Intel Xeon
+# (Sapphire Rapids), no faster on an AMD EPYC; the train step not reliably faster on either
+# (between 6% slower and 7% faster across runs on the Xeon). Hence opt-in.
 FORCE_FLAG = "--xla_force_host_platform_device_count"
 
 
