@@ -49,6 +49,10 @@ def main():
       os, "sched_getaffinity") else os.cpu_count()), help="torch.set_num_threads")
   p.add_argument("--out", default="", help="also write the JSON here")
   args = p.parse_args()
+  if args.warmup + args.sample_steps > args.timesteps:
+    p.error(f"--warmup + --sample-steps ({args.warmup} + {args.sample_steps}) reverse steps from "
+            f"t = {args.timesteps - 1} down would pass t = 0: at most --timesteps "
+            f"({args.timesteps}) in all")
 
   import torch
   from torch.utils.flop_counter import FlopCounterMode

@@ -3,6 +3,8 @@ gradient (ddpm/models/unet.py), the CPU performance fix the benchmark found."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -303,3 +305,12 @@ def test_peer_comparison_ratios_and_table(tiny_run):
     benchmark.peer_ratios(ours, dict(peer, batch=ours["batch_size"] + 1))
   with pytest.raises(ValueError, match="sample_full_nfe"):
     benchmark.peer_ratios(ours, dict(peer, timesteps=ours["sample_full_nfe"] + 1))
+
+
+def test_bench_peer_refuses_more_reverse_steps_than_timesteps():
+  """scripts/bench_peer.py checks its step counts before importing torch (absent here)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "scripts/bench_peer.py", "--sample-steps", "1000",
+                        "--warmup", "1"], cwd=root, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2
+  assert "--warmup + --sample-steps (1 + 1000)" in out.stderr and "Traceback" not in out.stderr
