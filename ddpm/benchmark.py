@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import config_validation
+from ddpm import distributed
 from ddpm import sampling
 from ddpm import train
 
@@ -247,8 +248,7 @@ def host_cpu() -> str:
           break
   except OSError:
     pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{name}, {cores} cores"
+  return f"{name}, {distributed.host_cores()} cores"
 
 
 def peak_host_mem_mb() -> float:

@@ -23,7 +23,7 @@ def maybe_initialize(coordinator_address: Optional[str] = None,
     raise ValueError("multi-process runs need all of --coordinator_address, --num_processes "
                      f"and --process_id (got {coordinator_address!r}, {num_processes!r}, "
                      f"{process_id!r})")
-  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin():
+  if _cpu_run():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",
                coordinator_address, num_processes, process_id)
@@ -61,7 +61,7 @@ def choose_cpu_devices(setting: str, batch_sizes, num_processes: int = 1,
     if n < 1:
       raise ValueError(f"--cpu_devices must be 'auto' or a positive number, got {setting!r}")
     return n
-  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  cores = host_cores() if cores is None else cores
   fits = [n for n in range(1, max(cores, 1) + 1)
           if all(b % (n * num_processes) == 0 for b in batch_sizes)]
   return max(fits) if fits else 1
@@ -82,11 +82,22 @@ def configure_cpu_devices(setting: Optional[str], batch_sizes,
   if FORCE_FLAG in os.environ.get("XLA_FLAGS", ""):
     logging.warning("--cpu_devices=%s ignored: XLA_FLAGS sets %s.", setting, FORCE_FLAG)
     return None
-  if not (os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or
-          not _has_accelerator_plugin()):
+  if not _cpu_run():
     return None
   jax.config.update("jax_num_cpu_devices", n)
   return n
+
+
+def host_cores() -> int:
+  """The CPUs this process may run on (its affinity mask where the OS has one, e.g. Linux)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def _cpu_run() -> bool:
+  """Whether JAX will run on the CPU: JAX_PLATFORMS=cpu, or no GPU/TPU plugin installed."""
+  return os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin()
 
 
 def _has_accelerator_plugin() -> bool:
