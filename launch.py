@@ -66,6 +66,7 @@ def main(argv):
   _quiet_library_info_logs()
   import jax  # after flag parsing, so --helpfull stays fast
   from ddpm import config_validation, distributed
+  from ddpm.errors import UserError
 
   config = _CONFIG.value
   try:
@@ -86,6 +87,13 @@ def main(argv):
   except config_validation.ConfigError as e:
     sys.exit(f"launch.py: invalid config: {e}")
 
+  try:
+    _run_mode(config)
+  except UserError as e:
+    sys.exit(f"launch.py: {e}")
+
+
+def _run_mode(config):
   if FLAGS.mode == "train":
     from ddpm import train
     train.train_and_evaluate(config, FLAGS.workdir)
