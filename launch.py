@@ -13,7 +13,8 @@ MODES = ("train", "sample", "eval", "sweep", "benchmark")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with "
     "--config.<group>.<key>=value.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval "
+                    "results: a local folder, gs://BUCKET/path or s3://BUCKET/path.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("variant", None, "--mode=sweep: run only this named variant of the config.")
 flags.DEFINE_string("coordinator_address", None,
@@ -88,6 +89,8 @@ def main(argv):
     sys.exit(f"launch.py: invalid config: {e}")
 
   try:
+    from ddpm import workdir
+    workdir.check_workdir(FLAGS.workdir)  # before anything compiles: fail in one line, early
     _run_mode(config)
   except UserError as e:
     sys.exit(f"launch.py: {e}")

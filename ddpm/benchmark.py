@@ -23,7 +23,6 @@ Everything goes to stdout as a table and to workdir/benchmark.json.
 """
 import contextlib
 import functools
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ from ddpm import config_validation
 from ddpm import distributed
 from ddpm import sampling
 from ddpm import train
+from ddpm import workdir as workdir_lib
 
 TFLOPS = 1e12
 
@@ -418,7 +418,7 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
   """
   config_validation.validate_config(config, num_devices=jax.device_count())
   _check_settings(config.benchmark)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   mesh, model, diffusion, sampler, init_fn = train.setup(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(init_fn, train.initial_rng(config)).params))
@@ -455,10 +455,7 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
 
   if jax.process_index() == 0:
     print(format_table(results), flush=True)
-    path = os.path.join(workdir, "benchmark.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = workdir_lib.write_json(workdir_lib.path(workdir, "benchmark.json"), results)
     logging.info("Wrote %s", path)
   return results
 
