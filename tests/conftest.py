@@ -44,3 +44,15 @@ def sigterm_at_step(monkeypatch):
     return lambda: monkeypatch.setattr(checkpointing.PreemptionHandler, "requested", original)
 
   return arm
+
+
+def clear_gcs_clients():
+  """gcsfs reads STORAGE_EMULATOR_HOST when a filesystem is made, and fsspec and etils cache the
+  filesystems: drop them so the next gs:// access uses the current environment."""
+  from etils.epath import backend
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  try:
+    import gcsfs
+    gcsfs.GCSFileSystem.clear_instance_cache()
+  except ImportError:
+    pass

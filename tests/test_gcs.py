@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import clear_gcs_clients
+
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
@@ -48,16 +50,21 @@ def _free_port():
 def emulator(tmp_path_factory):
   """(env for subprocesses, fsspec filesystem of the emulator, local temp cwd, config path)."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "gcs_emulator.py"),
-                           "--port", str(port), "--bucket", BUCKET],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  line = proc.stdout.readline()
-  assert line.startswith("ready"), line + proc.stdout.read() if proc.poll() is not None else line
+  log = tmp_path_factory.mktemp("emulator") / "log.txt"
+  with open(log, "w") as f:  # a file, not a pipe: the emulator logs every missing object
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "gcs_emulator.py"),
+                             "--port", str(port), "--bucket", BUCKET], stdout=f,
+                            stderr=subprocess.STDOUT)
+  deadline = time.time() + 60
+  while "ready" not in log.read_text():
+    assert proc.poll() is None and time.time() < deadline, log.read_text()
+    time.sleep(0.1)
   url = f"http://127.0.0.1:{port}"
   env_vars = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
   old = {k: os.environ.get(k) for k in env_vars}
   os.environ.update(env_vars)  # for this process's reads of the bucket (gcsfs, Orbax)
+  clear_gcs_clients()
   import gcsfs
   fs = gcsfs.GCSFileSystem(endpoint_url=url, token="anon")
   cwd = tmp_path_factory.mktemp("cwd")
@@ -77,18 +84,31 @@ def emulator(tmp_path_factory):
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+  clear_gcs_clients()
 
 
-def _launch(emulator, *args, timeout=600):
+def _launch(emulator, name, *args):
+  """launch.py with the test config in the empty working directory; output to log files."""
   env, _, cwd, config = emulator
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
-                         *args], cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  logs = os.path.join(os.path.dirname(config), name)
+  with open(logs + ".out", "w") as out, open(logs + ".err", "w") as err:
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"),
+                             f"--config={config}", *args], cwd=cwd, env=env, stdout=out,
+                            stderr=err)
+  proc.logs = logs
+  return proc
 
 
-def _ok(out):
-  assert out.returncode == 0, out.stderr[-4000:]
-  return out
+def _stderr(proc):
+  with open(proc.logs + ".err") as f:
+    return f.read()
+
+
+def _finish(proc, timeout=900, returncode=0):
+  proc.wait(timeout=timeout)
+  assert proc.returncode == returncode, _stderr(proc)[-4000:]
+  with open(proc.logs + ".out") as f:
+    return f.read(), _stderr(proc)
 
 
 def _objects(fs, prefix):
@@ -108,33 +128,34 @@ def _final_params(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def preempted_run(emulator):
-  """gs://bucket/run: SIGTERM once the step-2 checkpoint is being saved, then resumed."""
-  env, _, cwd, config = emulator
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
-                           "--workdir=gs://bucket/run"], cwd=cwd, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  log = []
-  for line in proc.stderr:
-    log.append(line)
-    if "Saving checkpoint step 2 " in line:
-      proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=600)
-  first = "".join(log)
-  assert proc.returncode == 0, first[-4000:]
-  resumed = _ok(_launch(emulator, "--workdir=gs://bucket/run"))
-  return first, resumed.stderr
+def runs(emulator):
+  """stderr of each run, in three rounds of concurrent subprocesses (2 cores):
+  1. gs://bucket/run trained and stopped by SIGTERM once the step-2 checkpoint is being saved,
+     while --mode=sweep trains and evaluates its one variant (the uninterrupted reference) in
+     gs://bucket/sweep;
+  2. gs://bucket/run resumed to the end;
+  3. --mode=sample and --mode=eval of gs://bucket/run."""
+  logs = {}
+  preempted = _launch(emulator, "preempted", "--workdir=gs://bucket/run")
+  sweep = _launch(emulator, "sweep", "--workdir=gs://bucket/sweep", "--mode=sweep")
+  deadline = time.time() + 900
+  while "Saving checkpoint step 2 " not in _stderr(preempted):
+    assert preempted.poll() is None and time.time() < deadline, _stderr(preempted)[-4000:]
+    time.sleep(0.05)
+  preempted.send_signal(signal.SIGTERM)
+  _, logs["preempted"] = _finish(preempted)
+  _, logs["sweep"] = _finish(sweep)
+  _, logs["resumed"] = _finish(_launch(emulator, "resumed", "--workdir=gs://bucket/run"))
+  sample = _launch(emulator, "sample", "--workdir=gs://bucket/run", "--mode=sample")
+  evaluate = _launch(emulator, "eval", "--workdir=gs://bucket/run", "--mode=eval")
+  logs["sample_stdout"], logs["sample"] = _finish(sample)
+  _, logs["eval"] = _finish(evaluate)
+  return logs
 
 
-@pytest.fixture(scope="module")
-def sweep_run(emulator):
-  return _ok(_launch(emulator, "--workdir=gs://bucket/sweep", "--mode=sweep"))
-
-
-def test_preempted_run_resumes_bitwise_like_an_uninterrupted_one(emulator, preempted_run,
-                                                                 sweep_run):
+def test_preempted_run_resumes_bitwise_like_an_uninterrupted_one(emulator, runs):
   _, fs, _, _ = emulator
-  first, resumed = preempted_run
+  first, resumed = runs["preempted"], runs["resumed"]
   assert "Preemption" in first
   stopped = [int(s) for s in re.findall(r"Saving checkpoint step (\d+) ", first)]
   assert stopped[-1] < STEPS, first[-3000:]  # the SIGTERM stopped training early
@@ -153,7 +174,7 @@ def test_preempted_run_resumes_bitwise_like_an_uninterrupted_one(emulator, preem
   assert not [o for o in objects if "probe" in o or ".tmp" in o]
 
 
-def test_sweep_writes_tables_and_eval_to_the_bucket(emulator, sweep_run):
+def test_sweep_writes_tables_and_eval_to_the_bucket(emulator, runs):
   _, fs, _, _ = emulator
   objects = _objects(fs, "sweep")
   for name in ("results.csv", "results.md", "base/result.json", "base/metrics.jsonl",
@@ -164,11 +185,9 @@ def test_sweep_writes_tables_and_eval_to_the_bucket(emulator, sweep_run):
   assert "| base |" in fs.cat(f"{BUCKET}/sweep/results.md").decode()
 
 
-def test_sample_and_eval_modes_write_to_the_bucket(emulator, preempted_run):
+def test_sample_and_eval_modes_write_to_the_bucket(emulator, runs):
   _, fs, _, _ = emulator
-  out = _ok(_launch(emulator, "--workdir=gs://bucket/run", "--mode=sample"))
-  assert f"npz: gs://{BUCKET}/run/samples/samples_{STEPS}.npz" in out.stdout
-  _ok(_launch(emulator, "--workdir=gs://bucket/run", "--mode=eval"))
+  assert f"npz: gs://{BUCKET}/run/samples/samples_{STEPS}.npz" in runs["sample_stdout"]
   objects = _objects(fs, "run")
   for name in (f"samples/samples_{STEPS}.npz", f"samples/samples_{STEPS}.png",
                f"samples/progression_{STEPS}.gif", f"eval/eval_{STEPS}.json"):
@@ -179,7 +198,35 @@ def test_sample_and_eval_modes_write_to_the_bucket(emulator, preempted_run):
   assert results["step"] == STEPS and np.isfinite(results["bpd"])
 
 
-def test_nothing_is_written_locally(emulator, preempted_run, sweep_run):
+def test_metrics_statistics_and_npz_in_the_bucket(emulator):
+  """In-process: metrics.jsonl is complete in the bucket after every write, and a resume drops
+  the rows after its step; FID statistics and sample rounds round-trip through gs://."""
+  from ddpm import fid, images, workdir
+  _, fs, _, _ = emulator
+  w = workdir.MetricsWriter(f"gs://{BUCKET}/unit")
+  for step in (2, 4):
+    w.write(step, {"loss": 1.0 / step})
+    fs.invalidate_cache()
+    assert json.loads(fs.cat(f"{BUCKET}/unit/metrics.jsonl").splitlines()[-1])["step"] == step
+  w.close()
+  workdir.MetricsWriter(f"gs://{BUCKET}/unit", start_step=2).close()
+  assert [r["step"] for r in workdir.read_metrics(f"gs://{BUCKET}/unit")] == [2]
+  rng = np.random.default_rng(0)
+  mu, a = rng.normal(size=3), rng.normal(size=(3, 3))
+  fid.save_statistics(f"gs://{BUCKET}/unit/ref.npz", mu, a @ a.T)
+  mu2, sigma2 = fid.load_statistics(f"gs://{BUCKET}/unit/ref.npz")
+  np.testing.assert_array_equal(mu2, mu)
+  np.testing.assert_array_equal(sigma2, a @ a.T)
+  x = rng.integers(0, 256, size=(2, 4, 4, 1), dtype=np.uint8)
+  images.save_npz(f"gs://{BUCKET}/unit/round_00000.npz", x)
+  with workdir.load_npz(f"gs://{BUCKET}/unit/round_00000.npz") as f:
+    np.testing.assert_array_equal(f["images"], x)
+  objects = _objects(fs, "unit")
+  assert objects[:3] == ["metrics.jsonl", "ref.npz", "round_00000.npz"], objects
+  assert objects[3].startswith("tensorboard/events.out.tfevents."), objects
+
+
+def test_nothing_is_written_locally(emulator, runs):
   _, _, cwd, _ = emulator
   assert os.listdir(cwd) == []  # no 'gs:' folder, no stray files
 
@@ -187,12 +234,12 @@ def test_nothing_is_written_locally(emulator, preempted_run, sweep_run):
 def test_missing_bucket_fails_in_one_line_before_compiling(emulator):
   _, _, cwd, _ = emulator
   start = time.perf_counter()
-  out = _launch(emulator, "--workdir=gs://no-such-bucket/run")
-  assert out.returncode == 1
-  last = out.stderr.strip().splitlines()[-1]
+  _, err = _finish(_launch(emulator, "nobucket", "--workdir=gs://no-such-bucket/run"),
+                   timeout=300, returncode=1)
+  last = err.strip().splitlines()[-1]
   assert last.startswith("launch.py: workdir gs://no-such-bucket/run: bucket "
-                         "gs://no-such-bucket does not exist"), out.stderr[-2000:]
-  assert "Traceback" not in out.stderr and "Model:" not in out.stderr
+                         "gs://no-such-bucket does not exist"), err[-2000:]
+  assert "Traceback" not in err and "Model:" not in err
   assert os.listdir(cwd) == [] and time.perf_counter() - start < 120
 
 
@@ -201,15 +248,12 @@ def test_two_processes_train_on_one_gcs_workdir(emulator):
   """jax.distributed over loopback, both processes on gs://bucket/multi; process 0 writes."""
   env, fs, cwd, config = emulator
   port = _free_port()
-  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
-                             "--workdir=gs://bucket/multi", f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  multi = (dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), fs, cwd, config)
+  procs = [_launch(multi, f"multi{i}", "--workdir=gs://bucket/multi",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}") for i in range(2)]
   for p in procs:
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-4000:]
+    _finish(p)
   objects = _objects(fs, "multi")
   assert f"checkpoints/{STEPS}/commit_success.txt" in objects, objects
   rows = fs.cat(f"{BUCKET}/multi/metrics.jsonl").decode().splitlines()
