@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import ml_collections
 
+from ddpm import diffusion as diffusion_lib
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(_HERE), "configs", "default.py")
 
@@ -42,11 +44,6 @@ def default_config() -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def learns_sigma(config) -> bool:
-  """Whether the model outputs a variance too (twice the channels)."""
-  return config.diffusion.model_var_type in ("learned", "learned_range")
 
 
 def batch_sizes(config) -> tuple:
@@ -157,7 +154,8 @@ def validate_config(config: ml_collections.ConfigDict,
 
   df = config.diffusion
   _require(df.num_timesteps >= 2, "diffusion.num_timesteps", f"must be >= 2, got {df.num_timesteps}")
-  _require(df.loss_type != "hybrid" or learns_sigma(config), "diffusion.loss_type",
+  learned_var = df.model_var_type in diffusion_lib.LEARNED_VAR_TYPES
+  _require(df.loss_type != "hybrid" or learned_var, "diffusion.loss_type",
            "'hybrid' trains the variance through L_vlb: it needs model_var_type 'learned' or "
            f"'learned_range', got {df.model_var_type!r}")
   _require(df.min_snr_gamma >= 0, "diffusion.min_snr_gamma", f"must be >= 0, got {df.min_snr_gamma}")

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
+from ddpm import experiment
 from ddpm import images
 from ddpm import sampling
 
@@ -62,15 +63,14 @@ def _sample_rng(config, step: int, purpose: int):
 
 def load_ema_params(config, workdir: str):
   """(EMA params replicated over all devices, step) of the newest complete checkpoint."""
-  from ddpm import train
-  mesh, model, diffusion, sampler, init_fn = train.setup(config)
+  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
                             f"--workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(init_fn, train.initial_rng(config)))
+                          jax.eval_shape(init_fn, experiment.initial_rng(config)))
   mngr = checkpointing.create_manager(ckpt_dir, read_only=True)
   restored = checkpointing.restore_latest(mngr, abstract)
   state, _, step = restored

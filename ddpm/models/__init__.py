@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm import config_validation
+from ddpm import diffusion
 from ddpm.models.unet import UNet, timestep_embedding
 
 __all__ = ["UNet", "build_model", "count_params", "timestep_embedding", "COMPUTE_DTYPES"]
@@ -14,7 +14,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
-  """The U-Net described by a config shaped like configs/default.py.
+  """The U-Net described by a config shaped like ddpm/default_config.py.
 
   Image channels come from config.data.channels, labels from config.data.num_classes, the
   learned variance from config.diffusion.model_var_type ('learned' / 'learned_range'), the
@@ -39,7 +39,7 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
       num_head_channels=m.num_head_channels,
       use_scale_shift_norm=m.use_scale_shift_norm,
       resblock_updown=m.resblock_updown,
-      learn_sigma=config_validation.learns_sigma(config),
+      learn_sigma=config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES,
       num_classes=config.data.num_classes,
       dtype=COMPUTE_DTYPES[dtype_name],
       remat=m.remat,
