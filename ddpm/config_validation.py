@@ -4,16 +4,12 @@ Every problem is reported as one `ConfigError` naming the offending key, e.g.
   ConfigError: config.training.batchsize: unknown key (did you mean 'batch_size'?)
 """
 import difflib
-import importlib.util
-import os
 from typing import Any, Optional
 
 import ml_collections
 
+from ddpm import default_config as default_config_lib
 from ddpm import diffusion as diffusion_lib
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(_HERE), "configs", "default.py")
 
 CHOICES = {
     "diffusion.beta_schedule": ("linear", "cosine", "quadratic", "sigmoid", "geometric", "jsd"),
@@ -39,11 +35,8 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The base config of configs/default.py (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("_ddpm_default_config", DEFAULT_CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """The base config (ddpm/default_config.py, re-exported by configs/default.py)."""
+  return default_config_lib.get_config()
 
 
 def batch_sizes(config) -> tuple:
@@ -105,7 +98,7 @@ def _require(cond: bool, key: str, msg: str):
 
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
-  """Checks `config` against configs/default.py and for impossible combinations.
+  """Checks `config` against ddpm/default_config.py and for impossible combinations.
 
   Args:
     config: the experiment config.
