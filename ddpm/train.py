@@ -28,6 +28,7 @@ from ddpm import evaluation
 from ddpm import experiment
 from ddpm import input_pipeline
 from ddpm import models
+from ddpm import prefetch
 
 NUM_QUARTILES = 4
 
@@ -255,8 +256,8 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
   ds = input_pipeline.create_datasets(config, seed=config.seed)
   if data_state is not None:
     ds.train_iter.set_state(data_state)
-  batches = input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
-                                            size=config.data.prefetch, stack=k)
+  batches = prefetch.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
+                                      size=config.data.prefetch, stack=k)
   train_step = make_train_step(config, model, diffusion, sampler, mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   sample_hook = evaluation.make_training_sample_hook(config, workdir, model, diffusion, mesh) if (
