@@ -1,7 +1,11 @@
 """Validation of experiment configs, run before anything is built or compiled.
 
-Every problem is reported as one `ConfigError` naming the offending key, e.g.
+The public functions that take a config (`train.train_and_evaluate`, `evaluation.run_sampling`,
+`evaluation.evaluate`, `sweep.run_sweep`, `benchmark.run_benchmark`) call `validate_config` first;
+`launch.py` only dispatches to them. Every problem is reported as one `ConfigError` naming the
+offending key, e.g.
   ConfigError: config.training.batchsize: unknown key (did you mean 'batch_size'?)
+Each list of choices is read from the module that implements the choices.
 """
 import difflib
 from typing import Any, Optional
@@ -10,27 +14,35 @@ import ml_collections
 
 from ddpm import default_config as default_config_lib
 from ddpm import diffusion as diffusion_lib
+from ddpm import errors
+from ddpm import experiment
+from ddpm import fid
+from ddpm import input_pipeline
+from ddpm import models
+from ddpm import sampling
+from ddpm import schedules
+from ddpm import timestep_sampler
 
 CHOICES = {
-    "diffusion.beta_schedule": ("linear", "cosine", "quadratic", "sigmoid", "geometric", "jsd"),
-    "diffusion.model_mean_type": ("eps", "x0", "v"),
-    "diffusion.model_var_type": ("fixed_large", "fixed_small", "learned", "learned_range"),
-    "diffusion.loss_type": ("mse", "l1", "huber", "kl", "hybrid"),
-    "diffusion.timestep_sampler": ("uniform", "loss_aware"),
-    "training.compute_dtype": ("float32", "bfloat16"),
-    "optim.optimizer": ("adam", "adamw"),
-    "optim.schedule": ("constant", "cosine"),
-    "sampling.method": ("ddpm", "ddim", "heun"),
-    "sampling.spacing": ("uniform", "quadratic"),
-    "eval.feature_extractor": ("inception", "none"),
-    "model.name": ("unet",),
-    "data.channels": (1, 3),
+    "diffusion.beta_schedule": schedules.SCHEDULE_NAMES,
+    "diffusion.model_mean_type": diffusion_lib.MEAN_TYPES,
+    "diffusion.model_var_type": diffusion_lib.VAR_TYPES,
+    "diffusion.loss_type": diffusion_lib.LOSS_TYPES,
+    "diffusion.timestep_sampler": timestep_sampler.SAMPLER_NAMES,
+    "training.compute_dtype": tuple(models.COMPUTE_DTYPES),
+    "optim.optimizer": experiment.OPTIMIZERS,
+    "optim.schedule": experiment.LR_SCHEDULES,
+    "sampling.method": sampling.METHODS,
+    "sampling.spacing": sampling.SPACINGS,
+    "eval.feature_extractor": fid.FEATURE_EXTRACTORS,
+    "model.name": models.MODEL_NAMES,
+    "data.channels": input_pipeline.CHANNELS,
 }
 # Keys a config may add on top of the defaults (free-form groups).
 _FREE_FORM = ("variants",)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value is unknown, of the wrong type, or impossible."""
 
 

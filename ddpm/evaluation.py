@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
+from ddpm import config_validation
 from ddpm import experiment
 from ddpm import images
 from ddpm import sampling
@@ -105,6 +106,7 @@ def _sampling_batch(config, batch_size: int) -> int:
 
 def run_sampling(config, workdir: str) -> Dict[str, str]:
   """--mode=sample: samples, grid and denoising GIF from the newest checkpoint's EMA params."""
+  config_validation.validate_config(config, num_devices=jax.device_count())
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   num = config.sampling.num_samples
   batch = _sampling_batch(config, min(config.sampling.batch_size, max(num, 1)))
@@ -266,6 +268,7 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
 
   Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
   """
+  config_validation.validate_config(config, num_devices=jax.device_count())
   from ddpm import fid, input_pipeline
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   dataset = input_pipeline.create_datasets(config, seed=config.seed)

@@ -20,6 +20,9 @@ from ddpm import distributed
 from ddpm import models
 from ddpm import timestep_sampler as timestep_sampler_lib
 
+OPTIMIZERS = ("adam", "adamw")        # config.optim.optimizer
+LR_SCHEDULES = ("constant", "cosine")  # config.optim.schedule (after the warm-up)
+
 
 @flax.struct.dataclass
 class TrainState:

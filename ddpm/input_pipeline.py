@@ -50,6 +50,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image, ImageOps
 
+CHANNELS = (1, 3)  # config.data.channels: greyscale or RGB
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Preprocessed folder images are kept in memory when they take at most this many bytes;
 # larger folders are decoded again on every read (after one validating pass at start-up).
@@ -521,24 +522,14 @@ def _read_images(source, indices: Sequence[int], info) -> np.ndarray:
   return out
 
 
-def _check_batch_size(batch_size: int, process_count: int, device_count: int):
-  if batch_size <= 0:
-    raise ValueError(f"training.batch_size={batch_size} must be positive")
-  if batch_size % process_count:
-    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
-                     f"{process_count} processes; use a multiple of {process_count}")
-  if batch_size % device_count:
-    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
-                     f"{device_count} devices; use a multiple of {device_count}")
-
-
 def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
                     process_count: Optional[int] = None) -> Datasets:
   """Builds the training iterator, eval images and info for `config.data`.
 
   Args:
-    config: the experiment config (uses config.data.* and config.training.batch_size, the
-      global batch size).
+    config: the experiment config, validated (`config_validation.validate_config`: channels,
+      image size and the batch size's divisibility by the devices are checked there); uses
+      config.data.* and config.training.batch_size, the global batch size.
     seed: seed of the shuffling and flips (>= 0).
     process_index, process_count: default to jax.process_index() / jax.process_count(); pass
       them to simulate several hosts.
@@ -546,7 +537,7 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
     a `Datasets` with `train_iter`, `eval_images(num)`, `reference_images(num)` and `info`
     (num_train, num_test, num_classes, image_size, channels, dataset).
   Raises:
-    ValueError: naming the bad config key (batch size, channels, image size, dataset, ...).
+    ValueError: naming the bad config key (dataset, num_classes, path, ...).
     FileNotFoundError: for a missing image folder or an unprepared TFDS dataset.
   """
   data = config.data
@@ -554,11 +545,9 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-  _check_batch_size(config.training.batch_size, process_count, jax.device_count())
-  if data.channels not in (1, 3):
-    raise ValueError(f"data.channels={data.channels!r} must be 1 (greyscale) or 3 (RGB)")
-  if data.image_size <= 0:
-    raise ValueError(f"data.image_size={data.image_size!r} must be positive")
+  if config.training.batch_size % process_count:  # process_count may be simulated (tests)
+    raise ValueError(f"training.batch_size={config.training.batch_size} is not divisible by "
+                     f"the {process_count} processes; use a multiple of {process_count}")
   if seed < 0:
     raise ValueError(f"seed={seed} must be >= 0")
   if data.num_workers < 0:

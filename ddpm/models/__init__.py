@@ -8,9 +8,11 @@ import ml_collections
 from ddpm import diffusion
 from ddpm.models.unet import UNet, timestep_embedding
 
-__all__ = ["UNet", "build_model", "count_params", "timestep_embedding", "COMPUTE_DTYPES"]
+__all__ = ["UNet", "build_model", "count_params", "timestep_embedding", "COMPUTE_DTYPES",
+           "MODEL_NAMES"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_NAMES = ("unet",)
 
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
@@ -21,8 +23,9 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   computation dtype from config.training.compute_dtype and everything else from config.model.
   """
   m = config.model
-  if m.name != "unet":
-    raise ValueError(f"config.model.name: unknown model {m.name!r} (available: 'unet')")
+  if m.name not in MODEL_NAMES:
+    raise ValueError(f"config.model.name: unknown model {m.name!r} (available: "
+                     f"{', '.join(map(repr, MODEL_NAMES))})")
   dtype_name = config.training.compute_dtype
   if dtype_name not in COMPUTE_DTYPES:
     raise ValueError(f"config.training.compute_dtype: {dtype_name!r} is not one of "
