@@ -2,13 +2,16 @@
 
 One checkpoint per step, in `directory/<step>/`, with two Orbax items:
   'state': a pytree of arrays (step, params, ema_params, opt_state, rng, sampler state, ...),
-           written with `StandardSave` and restored into the structure, dtypes and shardings of a
+           written with `PyTreeSave` and restored into the structure, dtypes and shardings of a
            target (typed PRNG key arrays and raw `jax.random.key_data` both round-trip bitwise);
+           `restore_latest(..., partial=True)` reads only the subtrees the target names (e.g.
+           {'ema_params': ...} for sampling and evaluation: the optimizer state is not read);
   'data':  the input iterator's JSON state (absent when there is none).
 
 Usage (every process calls every function; Orbax coordinates multi-host writes):
   mngr = create_manager(workdir + "/checkpoints", max_to_keep=3, async_save=True)
   restored = restore_latest(mngr, abstract_or_concrete_state)  # (state, data_state, step) or None
+  ema = restore_latest(mngr, {"ema_params": abstract_ema}, partial=True)[0]["ema_params"]
   save(mngr, step, state, data_state=iterator_state)
   wait(mngr)                                                     # before exiting
 
@@ -102,7 +105,7 @@ def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool =
       cleanup_tmp_directories=not read_only,
       step_name_format=_NAME_FORMAT,
   )
-  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
               DATA_ITEM: ocp.JsonCheckpointHandler()}
   mngr = ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
   if read_only:
@@ -214,7 +217,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     logging.info("Checkpoint step %d already exists in %s: not overwriting it.", step,
                  mngr.directory)
     return False
-  items = {STATE_ITEM: ocp.args.StandardSave(state)}
+  items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
   if data_state is not None:
     items[DATA_ITEM] = ocp.args.JsonSave(data_state)
   saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -228,7 +231,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
 
 
 def _restore_target(abstract_state):
-  """The `StandardRestore` target: ShapeDtypeStructs (with sharding) for arrays."""
+  """The `PyTreeRestore` target: ShapeDtypeStructs (with sharding) for arrays."""
   def leaf(x):
     if isinstance(x, jax.Array):
       # A concrete array: restore into its shape, dtype (also PRNG key types) and sharding.
@@ -259,8 +262,8 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
   mngr.reload()
 
 
-def restore_latest(mngr: ocp.CheckpointManager,
-                   abstract_state: Any) -> Optional[Tuple[Any, Optional[dict], int]]:
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bool = False
+                   ) -> Optional[Tuple[Any, Optional[dict], int]]:
   """Restores the newest checkpoint that can be read, falling back past broken ones.
 
   Args:
@@ -268,6 +271,9 @@ def restore_latest(mngr: ocp.CheckpointManager,
     abstract_state: the target: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or a
       concrete state; arrays are restored with its structure, dtypes and shardings (numpy leaves
       come back as numpy arrays).
+    partial: the target names only some subtrees of the saved state, as a dict keyed by the
+      saved field names (e.g. {'ema_params': abstract_ema_params}); only those are read from
+      disk (Orbax partial restore) and returned in that dict.
   Returns:
     (state, data_state, step) of the newest readable checkpoint (data_state None if none was
     saved), or None if `mngr.directory` holds no checkpoint at all.
@@ -281,10 +287,13 @@ def restore_latest(mngr: ocp.CheckpointManager,
   if not steps:
     return None
   target = _restore_target(abstract_state)
+  state_args = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=partial)
   failures = []
   for step in steps:
     step_dir = ocp.path.step.build_step_path(mngr.directory, _NAME_FORMAT, step)
-    items = {STATE_ITEM: ocp.args.StandardRestore(target)}
+    items = {STATE_ITEM: state_args}
     has_data = (step_dir / DATA_ITEM).exists()
     if has_data:
       items[DATA_ITEM] = ocp.args.JsonRestore()

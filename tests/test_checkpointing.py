@@ -93,6 +93,22 @@ def test_round_trip_is_bitwise(tmp_path, states):
   checkpointing.wait(mngr)
 
 
+def test_partial_restore_reads_only_the_named_subtree(tmp_path, states):
+  """Sampling and evaluation restore {'ema_params': ...} only: no parameters, no Adam moments."""
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 5, states[1], data_state={"position": 3})
+  checkpointing.save(mngr, 6, states[2])
+  reader = checkpointing.create_manager(tmp_path, read_only=True)
+  target = {"ema_params": _abstract(states[3].ema_params)}
+  got, _, step = checkpointing.restore_latest(reader, target, partial=True)
+  assert step == 6
+  assert list(got) == ["ema_params"]  # no params, opt_state, rng or sampler state
+  _assert_bitwise_equal(got["ema_params"], states[2].ema_params)
+  # Without partial=True a target missing fields is a structure mismatch, as before.
+  with pytest.raises(checkpointing.CheckpointRestoreError, match="structure"):
+    checkpointing.restore_latest(reader, target)
+
+
 def test_without_data_state(tmp_path, states):
   mngr = checkpointing.create_manager(tmp_path, async_save=False)
   checkpointing.save(mngr, 3, states[1])
