@@ -187,6 +187,8 @@ def validate_config(config: ml_collections.ConfigDict,
   _require(s.guidance_scale == 0 or d.num_classes > 0, "sampling.guidance_scale",
            "classifier-free guidance needs a class-conditional model (data.num_classes > 0)")
   _require(e.num_samples >= 0, "eval.num_samples", "must be >= 0")
+  _require(e.reference_num_images >= 0, "eval.reference_num_images",
+           "must be >= 0 (0 = the whole training split)")
   _require(e.bpd_num_images >= 0, "eval.bpd_num_images", "must be >= 0")
   _require(e.batch_size > 0, "eval.batch_size", "must be positive")
 

@@ -95,6 +95,8 @@ def get_config():
   # ---- evaluation -------------------------------------------------------------------------
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000    # samples for FID / IS
+  evaluation.reference_num_images = 0  # training images for the FID reference statistics
+                                       # (0 = the whole training split)
   evaluation.bpd_num_images = 256  # test images for bits/dim (full T-step bound)
   evaluation.batch_size = 64
   evaluation.feature_extractor = "inception"  # inception | none

@@ -26,7 +26,8 @@ def test_public_contract_keys_exist():
               "diffusion.beta_schedule", "diffusion.model_mean_type", "diffusion.model_var_type",
               "diffusion.loss_type", "training.batch_size", "training.num_train_steps",
               "training.log_every", "training.checkpoint_every", "sampling.method",
-              "sampling.num_steps", "sampling.num_samples", "eval.num_samples", "seed"):
+              "sampling.num_steps", "sampling.num_samples", "eval.num_samples",
+              "eval.reference_num_images", "seed"):
     node = c
     for part in key.split("."):
       node = node[part]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from ddpm import evaluation, train
+from ddpm import evaluation, input_pipeline, train
 
 
 def _config():
@@ -73,3 +73,37 @@ def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluation.run_sampling(_config(), str(tmp_path))
 
+
+def test_reference_statistics_use_their_own_size_and_are_keyed_by_the_weights(tmp_path):
+  config = _config()
+  dataset = input_pipeline.create_datasets(config, seed=0)
+  weights = tmp_path / "weights.npz"
+  weights.write_bytes(b"first weights")
+  config.eval.inception_weights = str(weights)
+  seen = []
+
+  def features_fn(batch):  # stands in for Inception: 4 pixel values as "features"
+    seen.append(batch.shape[0])
+    return batch.reshape(batch.shape[0], -1)[:, :4].astype(np.float64), None
+
+  cache = str(tmp_path / "cache")
+  # eval.reference_num_images = 0: the whole training split, not eval.num_samples images.
+  mu, sigma = evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == dataset.info["num_train"] != config.eval.num_samples
+  whole = np.concatenate(list(dataset.iter_reference_images(dataset.info["num_train"], 512)))
+  feats = whole.reshape(whole.shape[0], -1)[:, :4].astype(np.float64)
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-10)
+  # Cached: the same settings do not compute again.
+  seen.clear()
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert seen == []
+  # Other weights (same file name) or another size: new statistics, never the cached ones.
+  weights.write_bytes(b"other weights")
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == dataset.info["num_train"]
+  seen.clear()
+  config.eval.reference_num_images = 100
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == 100
+  assert len(os.listdir(cache)) == 3
