@@ -19,9 +19,9 @@ Robustness:
   * `save` refuses non-finite states (nothing is written), so a diverged run never overwrites
     its last good checkpoint with NaNs.
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
-    or truncated file) is logged, moved aside to `<step>.corrupt-<time>` (kept for inspection,
-    and training can write that step again; read-only managers move nothing), and the previous
-    one is used. If every checkpoint fails, it raises `CheckpointRestoreError` naming the
+    or truncated file) is logged and the previous one is used. The training run (which passes
+    `set_aside_unreadable=True`) moves it aside to `<step>.corrupt-<time>` (kept for inspection)
+    so that it can write that step again; readers (sampling, evaluation) move nothing. If every checkpoint fails, it raises `CheckpointRestoreError` naming the
     directory and each step's error.
   * Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` directories: Orbax never lists them
     as steps, and a writing manager deletes them when created.
@@ -34,7 +34,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -50,8 +49,6 @@ DATA_ITEM = "data"
 # Step directories are plain integers ('1000'), Orbax's standard naming.
 _NAME_FORMAT = ocp.path.step.standard_name_format()
 _CORRUPT_MARK = ".corrupt-"
-# Managers made by create_manager(read_only=True) (Orbax keeps its options private).
-_READ_ONLY = weakref.WeakSet()
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -107,10 +104,7 @@ def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool =
   )
   handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
               DATA_ITEM: ocp.JsonCheckpointHandler()}
-  mngr = ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
-  if read_only:
-    _READ_ONLY.add(mngr)
-  return mngr
+  return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -190,17 +184,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
       (checked).
     force: save even if the manager's save policy would skip this step.
   Returns:
-    Whether a checkpoint was written (False if `step` is already saved: it is not overwritten).
+    Whether a checkpoint was written (False if `step` is already saved: it is not overwritten;
+    False too for a read-only manager, which Orbax never lets write).
   Raises:
     NonFiniteStateError: a floating leaf holds NaN/Inf (names the leaves; nothing written).
-    ValueError: `step` is not a non-negative int, `data_state` is not JSON-serialisable or
-      differs between processes, or the manager is read-only.
+    ValueError: `step` is not a non-negative int, or `data_state` is not JSON-serialisable or
+      differs between processes.
   """
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
   step = int(step)
-  if mngr in _READ_ONLY:
-    raise ValueError(f"cannot save step {step}: the manager of {mngr.directory} is read-only")
   bad = nonfinite_leaves(state)
   if bad:
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -262,7 +255,8 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
   mngr.reload()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bool = False
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bool = False,
+                   set_aside_unreadable: bool = False
                    ) -> Optional[Tuple[Any, Optional[dict], int]]:
   """Restores the newest checkpoint that can be read, falling back past broken ones.
 
@@ -274,6 +268,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bo
     partial: the target names only some subtrees of the saved state, as a dict keyed by the
       saved field names (e.g. {'ema_params': abstract_ema_params}); only those are read from
       disk (Orbax partial restore) and returned in that dict.
+    set_aside_unreadable: move checkpoints newer than the restored one that failed to restore
+      to `<step>.corrupt-<time>` (for the training run, which must be able to save those steps
+      again); False leaves the directory untouched (readers of another run's checkpoints).
   Returns:
     (state, data_state, step) of the newest readable checkpoint (data_state None if none was
     saved), or None if `mngr.directory` holds no checkpoint at all.
@@ -312,7 +309,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bo
       failures.append((step, reason))
       continue
     if failures:
-      if mngr not in _READ_ONLY:
+      if set_aside_unreadable:
         _quarantine(mngr, [s for s, _ in failures])
       logging.warning("Restored checkpoint step %d from %s after skipping unreadable step(s) %s.",
                       step, mngr.directory, ", ".join(str(s) for s, _ in failures))
@@ -333,12 +330,6 @@ def _shorten(text: str, limit: int = 600) -> str:
 # Preemption.
 
 
-def _jax_preemption_service_active() -> bool:
-  """Whether jax.distributed started JAX's preemption sync manager (it owns SIGTERM then)."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
-
-
 class PreemptionHandler:
   """SIGTERM/SIGINT -> "save and exit at the next step boundary".
 
@@ -356,18 +347,14 @@ class PreemptionHandler:
       own notifier, which propagates the notice to all processes; SIGINT is forwarded to it as a
       SIGTERM. `requested(step)` is `multihost_utils.reached_preemption_sync_point(step)`: every
       process gets True at the same step, without a device synchronisation.
-    * Otherwise, every `sync_every` steps the processes all-gather their flags and stop if any
+    * Otherwise, at every step the processes all-gather their flags and stop if any
       process received a signal.
   A second SIGINT while a stop is pending raises KeyboardInterrupt (the usual Ctrl-C twice).
   Closing restores the previous handlers. Handlers can only be installed from the main thread.
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
-               sync_every: int = 1):
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-      raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self._signals = tuple(signals)
-    self._sync_every = sync_every
     self._previous = {}
     self._received = None
     self._installed = False
@@ -387,7 +374,9 @@ class PreemptionHandler:
       raise RuntimeError("PreemptionHandler must be installed from the main thread (Python "
                          "only delivers signals there)")
     self._multiprocess = jax.process_count() > 1
-    self._use_jax_service = self._multiprocess and _jax_preemption_service_active()
+    # jax.distributed.initialize starts JAX's preemption sync manager (which then owns SIGTERM)
+    # when this flag is set, as it is by default.
+    self._use_jax_service = self._multiprocess and bool(jax.config.jax_enable_preemption_service)
     for sig in self._signals:
       if self._use_jax_service and sig == signal.SIGTERM:
         continue  # JAX's C++ notifier handles SIGTERM; a Python handler would replace it.
@@ -396,7 +385,7 @@ class PreemptionHandler:
     if self._multiprocess:
       logging.info("Preemption: %s.", "JAX preemption sync point (SIGINT forwarded as SIGTERM)"
                    if self._use_jax_service else
-                   f"all-process flag agreement every {self._sync_every} step(s)")
+                   "all-process flag agreement at every step")
     return self
 
   def close(self) -> None:
@@ -438,10 +427,8 @@ class PreemptionHandler:
                          "> 1, so that all processes stop at the same step")
       if self._use_jax_service:
         stop = multihost_utils.reached_preemption_sync_point(int(step))
-      elif int(step) % self._sync_every == 0:
-        stop = not _all_processes_agree(self._received is None)
       else:
-        stop = False
+        stop = not _all_processes_agree(self._received is None)
     if stop and not self._reported:
       self._reported = True
       name = (signal.Signals(self._received).name if self._received is not None else
