@@ -21,8 +21,9 @@ Robustness:
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
     or truncated file) is logged and the previous one is used. The training run (which passes
     `set_aside_unreadable=True`) moves it aside to `<step>.corrupt-<time>` (kept for inspection)
-    so that it can write that step again; readers (sampling, evaluation) move nothing. If every checkpoint fails, it raises `CheckpointRestoreError` naming the
-    directory and each step's error.
+    so that it can write that step again; readers (sampling, evaluation) move nothing. If every
+    checkpoint fails, it raises `CheckpointRestoreError` naming the directory and each step's
+    error.
   * Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` directories: Orbax never lists them
     as steps, and a writing manager deletes them when created.
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
