@@ -38,6 +38,8 @@ def get_config():
   model.resblock_updown = False
   model.class_dropout = 0.0        # label drop rate for classifier-free guidance training
   model.remat = False              # nn.remat the residual blocks (memory for compute)
+  model.cpu_kernels = True         # on CPU: XLA:CPU-tuned layers (ddpm/models/cpu_ops.py), same
+                                   # parameters and values; ignored on GPU / TPU
 
   # ---- diffusion --------------------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
 from ddpm import images
+from ddpm import models
 from ddpm import sampling
 
 REFERENCE_CACHE_DIR = os.path.expanduser("~/.cache/ddpm_jax/reference_stats")
@@ -165,8 +166,13 @@ def make_training_sample_hook(config, workdir: str, model, diffusion, mesh):
 # ---------------------------------------------------------------------------------------------
 # Bits per dimension
 # ---------------------------------------------------------------------------------------------
-def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False):
-  """Jitted fn(params, x [B, H, W, C] in [-1, 1] sharded on 'data', rng) -> dict of [B] / [B, T]."""
+def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False,
+                compiler_options: Optional[dict] = None):
+  """Jitted fn(params, x [B, H, W, C] in [-1, 1] sharded on 'data', rng) -> dict of [B] / [B, T].
+
+  compiler_options: XLA options for the compilation, e.g. `ddpm.models.compiler_options(mesh,
+  config)`.
+  """
 
   def local(params, x, key):
     key = jax.random.fold_in(key, jax.lax.axis_index("data"))
@@ -175,7 +181,8 @@ def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False):
     return {k: out[k] for k in ("total_bpd", "prior_bpd", "vb", "mse")}
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()),
-                               out_specs=P("data"), check_vma=False))
+                               out_specs=P("data"), check_vma=False),
+                 compiler_options=compiler_options)
 
 
 def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray, rng
@@ -185,7 +192,8 @@ def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray,
     raise NotImplementedError("bits/dim of class-conditional models is not implemented")
   batch = config.eval.batch_size
   local_batch = batch // jax.process_count()
-  fn = make_bpd_fn(diffusion, model, mesh)
+  fn = make_bpd_fn(diffusion, model, mesh,
+                   compiler_options=models.compiler_options(mesh, config))
   n = test_images.shape[0]
   totals, priors, count = [], [], 0
   for i in range(0, n, local_batch):

@@ -195,10 +195,8 @@ def make_train_step(config, model, diffusion, sampler, mesh):
 
   sharded = jax.shard_map(multi_step, mesh=mesh, in_specs=(P(), P(None, "data")),
                           out_specs=(P(), P()), check_vma=False)
-  # XLA:CPU runs the U-Net fastest with only reductions on YNNPACK (see unet.xla_compiler_options).
-  platform = mesh.devices.flat[0].platform
   return jax.jit(sharded, donate_argnums=(0,),
-                 compiler_options=models.unet.xla_compiler_options(platform))
+                 compiler_options=models.compiler_options(mesh, config))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
-"""Model construction from a config: training, sampling and evaluation all call `build_model`."""
+"""Model construction from a config: training, sampling and evaluation all call `build_model`,
+and compile every program that runs the model with `compiler_options`."""
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from ddpm import config_validation
-from ddpm.models.unet import UNet, timestep_embedding
+from ddpm.models import cpu_ops
+from ddpm.models.unet import STOCK_LAYERS, Layers, UNet, timestep_embedding
 
-__all__ = ["UNet", "build_model", "count_params", "timestep_embedding", "COMPUTE_DTYPES"]
+__all__ = ["UNet", "Layers", "build_model", "compiler_options", "count_params",
+           "timestep_embedding", "COMPUTE_DTYPES"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -19,6 +23,8 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   Image channels come from config.data.channels, labels from config.data.num_classes, the
   learned variance from config.diffusion.model_var_type ('learned' / 'learned_range'), the
   computation dtype from config.training.compute_dtype and everything else from config.model.
+  On CPU with config.model.cpu_kernels on, the layers use the XLA:CPU kernels of
+  `ddpm.models.cpu_ops` (same parameters and values); elsewhere they are stock Flax.
   """
   m = config.model
   if m.name != "unet":
@@ -43,7 +49,29 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
       num_classes=config.data.num_classes,
       dtype=COMPUTE_DTYPES[dtype_name],
       remat=m.remat,
+      layers=_layers(config, jax.default_backend()),
   )
+
+
+def _uses_cpu_kernels(config: Optional[ml_collections.ConfigDict], platform: str) -> bool:
+  return platform == "cpu" and (config is None or config.model.cpu_kernels)
+
+
+def _layers(config, platform: str) -> Layers:
+  return cpu_ops.LAYERS if _uses_cpu_kernels(config, platform) else STOCK_LAYERS
+
+
+def compiler_options(mesh: Optional[jax.sharding.Mesh] = None,
+                     config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """XLA options for `jax.jit(..., compiler_options=...)` of any program that runs the model.
+
+  The train step, the samplers, bits/dim and FID sampling all compile with these. Args: `mesh`
+  (None: the default backend) gives the platform; `config` the run's config (None: the
+  defaults). The XLA:CPU options of `cpu_ops` on CPU with config.model.cpu_kernels on, none
+  elsewhere.
+  """
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  return dict(cpu_ops.COMPILER_OPTIONS) if _uses_cpu_kernels(config, device.platform) else {}
 
 
 def count_params(model: UNet, image_size: int, channels: int) -> int:
