@@ -26,6 +26,8 @@ CHOICES = {
     "sampling.spacing": ("uniform", "quadratic"),
     "eval.feature_extractor": ("inception", "none"),
     "model.name": ("unet",),
+    "model.timestep_embedding": ("ddpm", "adm"),
+    "model.downsample_padding": ("same", "symmetric"),
     "data.channels": (1, 3),
 }
 # Keys a config may add on top of the defaults (free-form groups).
@@ -141,6 +143,7 @@ def validate_config(config: ml_collections.ConfigDict,
     _require(r in resolutions, "model.attn_resolutions",
              f"{r} is not one of the U-Net's resolutions {resolutions}")
   _require(m.ch > 0, "model.ch", f"must be positive, got {m.ch}")
+  _require(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
   _require(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   _require(0.0 <= m.class_dropout < 1.0, "model.class_dropout",

@@ -114,19 +114,23 @@ _KINDS = {
 }
 
 
-def _plan(tree, config):
-  """[(our module path, peer prefix, kind)] in improved-diffusion's module order.
-
-  tree: our parameter shapes (nested dicts of shape tuples).
-  """
-  m = config.model
-  if m.resblock_updown:
+def _check_expressible(config):
+  """Refuses configs whose U-Net improved-diffusion's UNetModel has no counterpart of."""
+  if config.model.resblock_updown:
     raise UserError("config.model.resblock_updown=True: improved-diffusion's UNetModel resamples "
                     "with Downsample / Upsample layers; set it to False")
   if config.data.num_classes > 0:
     raise UserError(f"config.data.num_classes={config.data.num_classes}: importing improved-"
                     "diffusion's class-conditional models is not supported (its label table has "
                     "no null label); use an unconditional config")
+
+
+def _plan(tree, config):
+  """[(our module path, peer prefix, kind)] in improved-diffusion's module order.
+
+  tree: our parameter shapes (nested dicts of shape tuples).
+  """
+  m = config.model
   plan = []
 
   def res_block(ours, peer):
@@ -192,8 +196,9 @@ def _checkpoint_hparams(state_dict, config):
   if "out.2.weight" in sd and "data.channels" in hp:
     learned = sd["out.2.weight"].shape[0] == 2 * hp["data.channels"]
     if learned != (config.diffusion.model_var_type in ("learned", "learned_range")):
-      hp["diffusion.model_var_type"] = ("'learned_range' (6 output channels)" if learned else
-                                        "'fixed_large' (no learned variance)")
+      hp["diffusion.model_var_type"] = (
+          f"{sd['out.2.weight'].shape[0]} output channels: "
+          + ("a learned variance ('learned_range')" if learned else "no learned variance"))
   first = "input_blocks.1.0"
   if f"{first}.emb_layers.1.weight" in sd and f"{first}.in_layers.2.weight" in sd:
     emb_out, out = (sd[f"{first}.{n}.weight"].shape[0] for n in ("emb_layers.1", "in_layers.2"))
@@ -238,12 +243,12 @@ def _config_value(config, key):
 
 
 def _likely_cause(state_dict, config):
-  """' (likely config.X: ...)' for the first hyper-parameter the state dict and config disagree
-  on, or '' when none is found."""
+  """'; likely config.X: ...' for the first hyper-parameter the state dict and the config
+  disagree on, or '' when there is none."""
   for key, value in _checkpoint_hparams(state_dict, config).items():
     if key == "diffusion.model_var_type":
-      return (f"; likely config.diffusion.model_var_type: the checkpoint's model is "
-              f"{value}, the config's {config.diffusion.model_var_type!r}")
+      return (f"; likely config.diffusion.model_var_type: the checkpoint's model has {value}, "
+              f"the config's is {config.diffusion.model_var_type!r}")
     ours = _config_value(config, key)
     if key == "model.attn_resolutions":
       value = tuple(sorted(set(value), reverse=True))
@@ -293,6 +298,7 @@ def to_params(state_dict: Mapping[str, np.ndarray], config) -> dict:
     UserError naming the first missing, unexpected or mis-shaped tensor and the config key that
     most likely differs.
   """
+  _check_expressible(config)
   tree = _shapes_tree(config)
   plan = _plan(tree, config)
   # Every problem, ordered as improved-diffusion's modules are (section, block, layer): the first
