@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
+from ddpm import config_validation
+from ddpm import experiment
 from ddpm import images
 from ddpm import models
 from ddpm import sampling
@@ -63,15 +65,14 @@ def _sample_rng(config, step: int, purpose: int):
 
 def load_ema_params(config, workdir: str):
   """(EMA params replicated over all devices, step) of the newest complete checkpoint."""
-  from ddpm import train
-  mesh, model, diffusion, sampler, init_fn = train.setup(config)
+  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
                             f"--workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(init_fn, train.initial_rng(config)))
+                          jax.eval_shape(init_fn, experiment.initial_rng(config)))
   mngr = checkpointing.create_manager(ckpt_dir, read_only=True)
   restored = checkpointing.restore_latest(mngr, abstract)
   state, _, step = restored
@@ -106,6 +107,7 @@ def _sampling_batch(config, batch_size: int) -> int:
 
 def run_sampling(config, workdir: str) -> Dict[str, str]:
   """--mode=sample: samples, grid and denoising GIF from the newest checkpoint's EMA params."""
+  config_validation.validate_config(config, num_devices=jax.device_count())
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   num = config.sampling.num_samples
   batch = _sampling_batch(config, min(config.sampling.batch_size, max(num, 1)))
@@ -274,6 +276,7 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
 
   Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
   """
+  config_validation.validate_config(config, num_devices=jax.device_count())
   from ddpm import fid, input_pipeline
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   dataset = input_pipeline.create_datasets(config, seed=config.seed)
