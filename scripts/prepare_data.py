@@ -129,16 +129,16 @@ def build(name: str, data_dir: str, manual_dir: str):
   import tensorflow_datasets as tfds  # the preparation env only
   if name.startswith("lsun/"):
     _provide_lmdb_reader()
+  existing = tfds.builder(name, data_dir=data_dir)
+  if existing.is_prepared() and existing.info.file_format.value != "array_record":
+    # Prepared earlier by `tfds build` / `tfds.load` in the default tfrecord format, which
+    # tfds.data_source cannot read (and TFDS will not rewrite in place).
+    raise UsageError(f"{existing.data_dir} already holds {name} as "
+                     f"{existing.info.file_format.value} files, which the input pipeline cannot "
+                     "read: delete that folder (or pick another --data_dir) and run this again")
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  file_format = builder.info.file_format.value
-  if file_format != "array_record":
-    # Prepared earlier by `tfds build` / `tfds.load` in the default tfrecord format, which
-    # tfds.data_source cannot read; TFDS reuses it instead of building again.
-    raise UsageError(f"{builder.data_dir} already holds {name} as {file_format} files, which "
-                     "the input pipeline cannot read: delete that folder (or pick another "
-                     "--data_dir) and run this again")
   counts = {}
   for split in builder.info.splits:
     # Read back exactly as ddpm.input_pipeline does (no TensorFlow involved).
