@@ -12,7 +12,6 @@ import importlib.util
 import io
 import os
 import subprocess
-import sys
 import tarfile
 import textwrap
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ddpm import input_pipeline, train
+from ddpm import evaluation, experiment, input_pipeline, train
 from ddpm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,12 +75,13 @@ def test_unset_data_dir_names_tfds_default(tmp_path, monkeypatch):
                                    process_count=1)
 
 
-def test_training_reports_unprepared_data_before_compiling(tmp_path, monkeypatch):
-  def compile_first(*args, **kwargs):
+@pytest.mark.parametrize("run", [train.train_and_evaluate, evaluation.evaluate])
+def test_train_and_eval_report_unprepared_data_before_compiling(tmp_path, monkeypatch, run):
+  def setup_first(*args, **kwargs):
     raise AssertionError("the model was set up before the data was opened")
-  monkeypatch.setattr(train, "setup", compile_first)
+  monkeypatch.setattr(experiment, "setup", setup_first)
   with pytest.raises(input_pipeline.DatasetNotPreparedError, match="prepare_data.sh cifar10"):
-    train.train_and_evaluate(tfds_config("cifar10", tmp_path / "data"), str(tmp_path / "wd"))
+    run(tfds_config("cifar10", tmp_path / "data"), str(tmp_path / "wd"))
 
 
 def test_script_covers_exactly_the_pipelines_tfds_datasets():
