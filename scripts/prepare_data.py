@@ -137,8 +137,18 @@ def build(name: str, data_dir: str, manual_dir: str):
                      f"{existing.info.file_format.value} files, which the input pipeline cannot "
                      "read: delete that folder (or pick another --data_dir) and run this again")
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  import requests  # a dependency of TFDS's downloader
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except (tfds.download.DownloadError, requests.RequestException) as e:
+    url = getattr(getattr(e, "request", None), "url", None) or "a source file"
+    reason = " ".join(str(e).split())[:300]
+    raise UsageError(
+        f"TFDS could not download {url} ({type(e).__name__}: {reason}). Without access to it, "
+        f"download {name}'s source files elsewhere and put them into {manual_dir} under their "
+        "original file names (TFDS uses them after checking their sha256), then run this "
+        "again") from e
   counts = {}
   for split in builder.info.splits:
     # Read back exactly as ddpm.input_pipeline does (no TensorFlow involved).

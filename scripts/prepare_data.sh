@@ -9,10 +9,11 @@
 # made on first use. Prints the --config.data.tfds_data_dir=... flag to train with.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
 CALLER="$PWD"  # relative --data_dir / --manual_dir are relative to where you run this
 # Name, flags and manually downloaded files first: a mistake costs no install.
 "${PYTHON:-python3}" "$HERE/prepare_data.py" --check "$@" || { rc=$?; [ $rc = 3 ] && exit 0; exit $rc; }
-VENV="${DDPM_PREPARE_VENV:-$HERE/../.venv-prepare}" REQUIREMENTS="$HERE/requirements-prepare.txt" \
+VENV="${DDPM_PREPARE_VENV:-$ROOT/.venv-prepare}" REQUIREMENTS="$HERE/requirements-prepare.txt" \
   source "$HERE/env.sh"
 cd "$CALLER"
 exec "$PY" "$HERE/prepare_data.py" "$@"
