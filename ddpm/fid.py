@@ -131,6 +131,9 @@ def classifier_feature_fn(module: nn.Module, variables: Any, *,
   return batched_feature_fn(apply_fn, variables, batch_size=batch_size, devices=devices)
 
 
+FEATURE_EXTRACTORS = ("inception", "none")  # config.eval.feature_extractor
+
+
 def feature_fn_from_config(config, batch_size: Optional[int] = None
                            ) -> Optional[FeatureExtractor]:
   """The extractor named by config.eval.feature_extractor ('inception' or 'none' -> None).
@@ -141,8 +144,9 @@ def feature_fn_from_config(config, batch_size: Optional[int] = None
   name = config.eval.feature_extractor
   if name == "none":
     return None
-  if name != "inception":
-    raise ValueError(f"config.eval.feature_extractor={name!r} is not one of 'inception', 'none'")
+  if name not in FEATURE_EXTRACTORS:
+    raise ValueError(f"config.eval.feature_extractor={name!r} is not one of "
+                     f"{', '.join(map(repr, FEATURE_EXTRACTORS))}")
   variables = inception.load_params(inception.get_weights_path(config.eval.inception_weights))
   if batch_size is None:  # eval.batch_size is global; each process extracts its own share
     batch_size = max(1, config.eval.batch_size // jax.process_count())
@@ -240,8 +244,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, float]:
   """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean and std over splits.
 
-  As in the reference code, the images are cut into `num_splits` consecutive parts, p(y) is the
-  mean prediction of each part, and the score's mean and standard deviation over parts returned.
+  As in the reference code, the images are cut into `num_splits` consecutive parts (part i is
+  images [i * N // num_splits, (i + 1) * N // num_splits)), p(y) is the mean prediction of each
+  part, and the score's mean and standard deviation over parts returned.
 
   Args:
     logits: [N, K] unnormalised log-probabilities of the classifier.
@@ -255,8 +260,9 @@ def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, fl
   if not 1 <= num_splits <= logits.shape[0]:
     raise ValueError(f"num_splits must be in [1, N={logits.shape[0]}], got {num_splits}")
   log_p = scipy.special.log_softmax(logits, axis=1)                       # log p(y|x)
-  scores = []
-  for part in np.array_split(log_p, num_splits):
+  n, scores = log_p.shape[0], []
+  for i in range(num_splits):
+    part = log_p[i * n // num_splits:(i + 1) * n // num_splits]
     log_py = scipy.special.logsumexp(part, axis=0) - np.log(part.shape[0])  # log p(y)
     kl = np.sum(np.exp(part) * (part - log_py), axis=1)                     # KL per image
     scores.append(np.exp(np.mean(kl)))

@@ -7,18 +7,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm import config_validation
+from ddpm import diffusion
 from ddpm.models import cpu_ops
 from ddpm.models.unet import STOCK_LAYERS, Layers, UNet, timestep_embedding
 
 __all__ = ["UNet", "Layers", "build_model", "compiler_options", "count_params",
-           "timestep_embedding", "COMPUTE_DTYPES"]
+           "timestep_embedding", "COMPUTE_DTYPES", "MODEL_NAMES"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_NAMES = ("unet",)
 
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
-  """The U-Net described by a config shaped like configs/default.py.
+  """The U-Net described by a config shaped like ddpm/default_config.py.
 
   Image channels come from config.data.channels, labels from config.data.num_classes, the
   learned variance from config.diffusion.model_var_type ('learned' / 'learned_range'), the
@@ -27,8 +28,9 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   `ddpm.models.cpu_ops` (same parameters and values); elsewhere they are stock Flax.
   """
   m = config.model
-  if m.name != "unet":
-    raise ValueError(f"config.model.name: unknown model {m.name!r} (available: 'unet')")
+  if m.name not in MODEL_NAMES:
+    raise ValueError(f"config.model.name: unknown model {m.name!r} (available: "
+                     f"{', '.join(map(repr, MODEL_NAMES))})")
   dtype_name = config.training.compute_dtype
   if dtype_name not in COMPUTE_DTYPES:
     raise ValueError(f"config.training.compute_dtype: {dtype_name!r} is not one of "
@@ -45,11 +47,16 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
       num_head_channels=m.num_head_channels,
       use_scale_shift_norm=m.use_scale_shift_norm,
       resblock_updown=m.resblock_updown,
-      learn_sigma=config_validation.learns_sigma(config),
+      learn_sigma=config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES,
       num_classes=config.data.num_classes,
       dtype=COMPUTE_DTYPES[dtype_name],
       remat=m.remat,
       layers=_layers(config, jax.default_backend()),
+      # improved-diffusion's rescale_timesteps: every T looks like 1000 steps to the network.
+      timestep_scale=1000.0 / config.diffusion.num_timesteps if m.rescale_timesteps else 1.0,
+      timestep_embedding_kind=m.timestep_embedding,
+      norm_eps=m.norm_eps,
+      downsample_padding=m.downsample_padding,
   )
 
 
