@@ -1,5 +1,6 @@
 """Tests of ddpm/models/cpu_ops.py: the XLA:CPU kernels of the U-Net's layers compute the values
 and gradients of the stock ones."""
+import functools
 import types
 
 import flax.linen as nn
@@ -49,18 +50,23 @@ def _assert_same_derivatives(ours, ref, args, tol, seed=0):
 
 # ---- the loop-safe convolution ------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,kernel,stride", [
-    ((2, 8, 8, 3), 3, 1), ((2, 8, 8, 4), 3, 2), ((1, 7, 9, 2), 3, 2), ((2, 6, 6, 3), 1, 1),
-    ((1, 5, 5, 2), 3, 1)])
-def test_conv_derivatives_equal_lax_also_inside_scan(shape, kernel, stride):
+SYMMETRIC = ((1, 1), (1, 1))  # improved-diffusion's downsampling padding
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 8, 8, 3), 3, 1, "SAME"), ((2, 8, 8, 4), 3, 2, "SAME"), ((1, 7, 9, 2), 3, 2, "SAME"),
+    ((2, 6, 6, 3), 1, 1, "SAME"), ((1, 5, 5, 2), 3, 1, "SAME"), ((2, 8, 8, 3), 3, 2, SYMMETRIC)])
+def test_conv_derivatives_equal_lax_also_inside_scan(shape, kernel, stride, padding):
   """Values, both gradients and the forward-mode tangent equal lax.conv_general_dilated's (JAX's
   own rules as the reference), inside lax.scan, where the CPU-specific form matters."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 5)), jnp.float32)
-  ours = lambda x, w: cpu_ops.conv_general_dilated(x, w, (stride, stride), "SAME",
+  ours = lambda x, w: cpu_ops.conv_general_dilated(x, w, (stride, stride), padding,
                                                    dimension_numbers=DIMS)
-  _assert_same_derivatives(ours, lambda x, w: _conv(x, w, stride), (x, w), tol=1e-5)
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                  dimension_numbers=DIMS)
+  _assert_same_derivatives(ours, ref, (x, w), tol=1e-5)
 
 
 def test_conv_reverse_pass_has_only_nhwc_hwio_convolutions():
@@ -178,6 +184,30 @@ def test_group_norm_derivatives_equal_flax_also_inside_scan_and_remat(dtype):
   ref = apply(nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype))
   _assert_same_derivatives(ours, ref, (x, scale, bias),
                            tol=2e-5 if dtype == jnp.float32 else 5e-2)
+
+
+def test_hessian_vector_product_equals_stock():
+  """Second order (forward over reverse, as in Hessian-vector products) through a conv, a
+  GroupNorm and a dense layer: the kernels' rules differentiate like the stock ops."""
+  rng = np.random.default_rng(2)
+  randn = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  args = (randn(2, 6, 6, 3), randn(3, 3, 3, 8), 1 + 0.3 * randn(8), 0.3 * randn(8), randn(8, 5))
+  tangents = tuple(randn(*a.shape) for a in args)
+  dims = (((3,), (0,)), ((), ()))
+
+  def loss(conv, norm, dot):
+    def f(x, w, scale, bias, v):
+      h = norm(num_groups=4).apply({"params": {"scale": scale, "bias": bias}},
+                                   conv(x, w, (1, 1), "SAME", dimension_numbers=DIMS))
+      return jnp.sum(jnp.tanh(dot(nn.swish(h), v, dims)) ** 2)
+    grad = jax.grad(f, argnums=tuple(range(5)))
+    return jax.jit(lambda: jax.jvp(grad, args, tangents)[1])()
+
+  got = loss(cpu_ops.conv_general_dilated, cpu_ops.GroupNorm, cpu_ops.dense_dot_general)
+  want = loss(jax.lax.conv_general_dilated, functools.partial(nn.GroupNorm, epsilon=1e-6),
+              jax.lax.dot_general)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
 
 
 # ---- the U-Net built with and without the kernels ----------------------------------------------
