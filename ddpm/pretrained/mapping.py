@@ -92,7 +92,9 @@ def flatten(params) -> Dict[Path, np.ndarray]:
 
 def match(shapes_by_name: Mapping[str, Sequence[int]], config, name_of: Callable[[Path], str],
           hint: Callable[[str], str], source: str,
-          conv_1x1: Callable[[str], bool] = lambda name: False) -> Dict[Path, str]:
+          conv_1x1: Callable[[str], bool] = lambda name: False,
+          foreign_shape: Optional[Callable[[str, Tuple[int, ...]], Tuple[int, ...]]] = None
+          ) -> Dict[Path, str]:
   """{our parameter path: foreign tensor name} after checking every name and shape.
 
   Args:
@@ -103,6 +105,8 @@ def match(shapes_by_name: Mapping[str, Sequence[int]], config, name_of: Callable
       missing, unexpected or mis-shaped (for the error message).
     source: what the state dict came from (a path), for messages.
     conv_1x1: whether the foreign tensor of a dense kernel is a 1x1 convolution.
+    foreign_shape: (foreign name, our shape) -> the foreign tensor's shape; default: torch
+      layout (`torch_shape`).
   Raises:
     UserError: naming the first missing, then unexpected, then mis-shaped tensor.
   """
@@ -119,7 +123,8 @@ def match(shapes_by_name: Mapping[str, Sequence[int]], config, name_of: Callable
                     f"that the config has no place for; the config key that most likely "
                     f"differs: {hint(extra)}")
   for path, name in names.items():
-    want = torch_shape(shapes[path], conv_1x1(name))
+    want = (foreign_shape(name, shapes[path]) if foreign_shape is not None else
+            torch_shape(shapes[path], conv_1x1(name)))
     got = tuple(shapes_by_name[name])
     if got != want:
       raise UserError(f"{source}: tensor {name} has shape {list(got)}, the config needs "
