@@ -79,22 +79,23 @@ def import_checkpoint(config, workdir: str, path: str) -> int:
   (fine-tuning) use them unchanged. Nothing is written when loading fails or workdir already
   holds a checkpoint. Returns the step written (0)."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from absl import logging
-  from ddpm import checkpointing, train
+  from ddpm import checkpointing, config_validation, experiment
 
+  config_validation.validate_config(config, num_devices=jax.device_count())
   ckpt_dir = os.path.join(workdir, "checkpoints")
   existing = checkpointing.latest_step(ckpt_dir)
   if existing is not None:
     raise UserError(f"{ckpt_dir} already holds checkpoint step {existing}: import into a new "
                     "--workdir")
   params = load(path, config)
-  mesh, _, _, _, init_fn = train.setup(config)
-  replicated = NamedSharding(mesh, P())
-  state = init_fn(train.initial_rng(config))
-  params = jax.device_put(params, replicated)
-  opt_state = jax.jit(train.make_optimizer(config).init, out_shardings=replicated)(params)
-  state = state.replace(params=params, ema_params=params, opt_state=opt_state)
+  mesh, model, _, sampler, _ = experiment.setup(config)
+  # Eagerly (nothing to compile: no model.init), then replicated like setup's init_fn.
+  state = experiment.create_train_state(config, model, sampler, experiment.initial_rng(config),
+                                        params=jax.tree.map(jnp.asarray, params))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
   mngr = checkpointing.create_manager(ckpt_dir, max_to_keep=config.training.keep_checkpoints,
                                       async_save=False)
   checkpointing.save(mngr, 0, state, force=True)
@@ -111,8 +112,9 @@ def export_checkpoint(config, workdir: str, out_dir: str) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax
   from absl import logging
-  from ddpm import checkpointing, evaluation
+  from ddpm import checkpointing, config_validation, evaluation
 
+  config_validation.validate_config(config, num_devices=jax.device_count())
   diffusers_format.unet2d_config(config)  # fail before restoring anything
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ddpm import config_validation
+from ddpm import diffusion as diffusion_lib
 from ddpm.errors import UserError
 from ddpm.models import unet as unet_lib
 from ddpm.pretrained import mapping
@@ -77,7 +78,7 @@ _FIXED_MEANING = {
 _HANDLED = {
     "model": {"name", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
               "resamp_with_conv", "num_heads", "num_head_channels", "use_scale_shift_norm",
-              "resblock_updown", "class_dropout", "remat", "norm_groups"},
+              "resblock_updown", "class_dropout", "remat", "norm_groups", "cpu_kernels"},
     "diffusion": {"num_timesteps", "beta_schedule", "model_mean_type", "model_var_type",
                   "loss_type", "hybrid_lambda", "min_snr_gamma", "timestep_sampler"},
 }
@@ -96,7 +97,7 @@ def _norm_widths(config) -> list:
 
 def _group_count(config) -> int:
   """The one GroupNorm group count of the model, or UserError when layers differ."""
-  fixed = config.model.get("norm_groups", 0)
+  fixed = config.model.norm_groups
   if fixed > 0:
     return int(fixed)
   counts = {}
@@ -134,7 +135,7 @@ def unet2d_config(config) -> Dict[str, Any]:
       if key not in handled and key in defaults[group] and config[group][key] != defaults[group][key]:
         raise _cannot(f"{group}.{key}={config[group][key]!r} (only {group}.{key}="
                       f"{defaults[group][key]!r} is supported by the diffusers format)")
-  if config_validation.learns_sigma(config):
+  if config.diffusion.model_var_type in diffusion_lib.LEARNED_VAR_TYPES:
     raise _cannot(f"diffusion.model_var_type={config.diffusion.model_var_type!r}: a learned "
                   "variance needs a scheduler with variance_type='learned_range', which a "
                   "model folder does not record; export fixed-variance models only")

@@ -132,6 +132,10 @@ def match(shapes_by_name: Mapping[str, Sequence[int]], config, name_of: Callable
   return names
 
 
+def _our_ndim(torch_ndim: int, conv_1x1: bool) -> int:
+  return 2 if conv_1x1 and torch_ndim == 4 else torch_ndim
+
+
 def to_params(state_dict: Mapping[str, np.ndarray], config, name_of: Callable[[Path], str],
               hint: Callable[[str], str], source: str,
               conv_1x1: Callable[[str], bool] = lambda name: False) -> dict:
@@ -140,7 +144,7 @@ def to_params(state_dict: Mapping[str, np.ndarray], config, name_of: Callable[[P
   names = match({k: np.shape(v) for k, v in state_dict.items()}, config, name_of, hint, source,
                 conv_1x1)
   return nest({path: from_torch(state_dict[name],
-                                2 if conv_1x1(name) else np.ndim(state_dict[name]))
+                                _our_ndim(np.ndim(state_dict[name]), conv_1x1(name)))
                for path, name in names.items()})
 
 
