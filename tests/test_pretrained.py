@@ -219,6 +219,38 @@ def test_full_size_cifar10_ddpm_equals_diffusers(tmp_path):
   assert relative_error(got, want) < 1e-4
 
 
+def test_tf_checkpoint_names_and_ema():
+  """diffusion_tf's variable names (from its models/unet.py scopes), the EMA copies preferred and
+  the Adam slots ignored; TensorFlow itself is only needed to read the files."""
+  from ddpm.pretrained import tf_checkpoint
+  names = {tf_checkpoint.tf_name(p) for p in mapping.param_shapes(cifar10_ddpm.get_config())}
+  assert len(names) == 328
+  assert {"model/conv_in/W", "model/temb/dense0/W", "model/temb/dense1/b",
+          "model/down_0/block_0/norm1/gamma", "model/down_0/block_0/temb_proj/W",
+          "model/down_1/block_0/nin_shortcut/W", "model/down_1/attn_1/q/W",
+          "model/down_2/downsample/conv/W", "model/mid/block_1/conv2/b", "model/mid/attn_1/proj_out/W",
+          "model/up_3/block_2/norm2/beta", "model/up_1/upsample/conv/W", "model/norm_out/gamma",
+          "model/conv_out/b"} <= names
+  config = tiny_config()
+  shapes = mapping.param_shapes(config)
+  rng = np.random.default_rng(1)
+  variables = {"global_step": np.int64(5)}
+  for path, shape in shapes.items():
+    name = tf_checkpoint.tf_name(path)
+    variables[name] = np.zeros(shape, np.float32)
+    variables[name + "/Adam"] = np.ones(shape, np.float32)
+    variables[name + "/ExponentialMovingAverage"] = rng.normal(size=shape).astype(np.float32)
+  params = mapping.flatten(tf_checkpoint.to_params(variables, config))
+  for path in shapes:
+    np.testing.assert_array_equal(
+        params[path], variables[tf_checkpoint.tf_name(path) + "/ExponentialMovingAverage"])
+  raw = mapping.flatten(tf_checkpoint.to_params(variables, config, ema=False))
+  assert all(not raw[p].any() for p in shapes)
+  del variables["model/conv_in/W"]
+  with pytest.raises(UserError, match="tensor model/conv_in/W is missing"):
+    tf_checkpoint.to_params(variables, config)
+
+
 # ---- export ------------------------------------------------------------------------------------
 def test_export_round_trip_and_refusals(tmp_path):
   config = FIXTURE_CONFIGS["ddpm32"]()
