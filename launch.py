@@ -5,6 +5,8 @@ run spans several processes and dispatches on --mode to a library function, whic
 config (`config_validation.validate_config`) before it builds anything:
   train -> train.train_and_evaluate    sample -> evaluation.run_sampling
   eval -> evaluation.run_eval          sweep -> sweep.run_sweep    benchmark -> benchmark.run_benchmark
+  import -> pretrained.import_checkpoint (--import_from)   export -> pretrained.export_checkpoint
+  (--export_to)
 """
 import sys
 
