@@ -8,7 +8,9 @@ mirror the TF variable scopes (TF model/down_0/block_0/conv1/W is down_0_block_0
 here), so the released checkpoints can be mapped by name. The CIFAR-10 model (ch=128,
 ch_mult=(1, 2, 2, 2)) has exactly the TF model's 35,746,307 parameters and the 256x256 model
 (ch_mult=(1, 1, 2, 2, 4, 4)) its 113,673,219. GroupNorm uses 32 groups as in DDPM, fewer only
-in layers narrower than 64 channels (see `num_groups`).
+in layers narrower than 64 channels (see `num_groups`), or `norm_groups` in every layer. The
+same network is diffusers' UNet2DModel with the DDPM releases' settings, output for output
+(ddpm/pretrained/diffusers_format.py; tests/test_pretrained.py).
 
 Options from Nichol & Dhariwal 2021 (Improved DDPM) and Dhariwal & Nichol 2021 (ADM):
 multi-head attention (`num_heads` / `num_head_channels`), adaptive GroupNorm
