@@ -335,6 +335,16 @@ def test_import_eval_export_round_trip(tmp_path):
         os.path.join(source, name), "rb").read(), name
 
 
+def test_import_of_mismatched_weights_writes_nothing(tmp_path):
+  config = FIXTURE_CONFIGS["ddpm32"]()
+  config.model.num_res_blocks = 1
+  with pytest.raises(UserError, match="layers_per_block=2, but the config's model.num_res_blocks"):
+    pretrained.import_checkpoint(config, str(tmp_path / "w"), os.path.join(DIFFUSERS, "ddpm32"))
+  with pytest.raises(UserError, match="not a diffusers model folder"):
+    pretrained.import_checkpoint(config, str(tmp_path / "w"), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def _launch(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
