@@ -126,7 +126,10 @@ def write_diffusers(out):
     count = sum(p.numel() for p in model.parameters())
     if count != expected:
       raise SystemExit(f"{name}: UNet2DModel has {count:,} parameters, expected {expected:,}")
-    layouts[name] = dict(config=dict(model.config), num_params=count,
+    # diffusers' bookkeeping keys (an unordered _use_default_values list) would make the file
+    # differ between runs.
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    layouts[name] = dict(config=dict(config, _class_name="UNet2DModel"), num_params=count,
                          shapes={k: list(v.shape) for k, v in model.state_dict().items()})
     print(f"{name}: {count:,} parameters (as the DDPM paper's model)")
   with open(os.path.join(d, "full_size_layouts.json"), "w") as f:
