@@ -4,7 +4,7 @@ Needs PyTorch and diffusers (not ddpm-jax dependencies), e.g. a separate venv:
   python3 -m venv ~/torch-venv && ~/torch-venv/bin/pip install torch==2.13.0 diffusers==0.42.1
   ~/torch-venv/bin/python scripts/make_pretrained_fixtures.py [--out=tests/fixtures]
 
-Writes (about 0.5 MB in all):
+Writes (about 0.4 MB in all):
   diffusers/ddpm32/      random-weight diffusers UNet2DModel in the DDPM layout (32x32, three
                          levels, attention at 16x16, one head, two blocks per level), a
                          save_pretrained folder (config.json + diffusion_pytorch_model.safetensors)
