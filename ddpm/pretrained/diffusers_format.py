@@ -140,8 +140,8 @@ def unet2d_config(config) -> Dict[str, Any]:
                   "variance needs a scheduler with variance_type='learned_range', which a "
                   "model folder does not record; export fixed-variance models only")
   if m.use_scale_shift_norm:
-    raise _cannot("model.use_scale_shift_norm=True (ResnetBlock2D's 'scale_shift' is not "
-                  "ADM's AdaGN order of norm, scale, shift and swish)")
+    raise _cannot("model.use_scale_shift_norm=True (only the DDPM layout of the released "
+                  "UNet2DModel checkpoints is exported: no AdaGN)")
   if config.data.num_classes > 0:
     raise _cannot(f"data.num_classes={config.data.num_classes}: class-conditional models "
                   "(with a null label) are not exported")
