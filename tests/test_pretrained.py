@@ -87,12 +87,13 @@ def test_torch_pickle_bad_files(tmp_path):
   with zipfile.ZipFile(other_zip, "w") as z:
     z.writestr("readme.txt", "not torch")
   for path, message in ((truncated, "cannot read"), (foreign, "not a PyTorch zip archive"),
-                        (other_zip, "not a PyTorch file"), (tmp_path / "absent.pt", "no such file")):
+                        (other_zip, "not a PyTorch file"),
+                        (tmp_path / "absent.pt", "no such file")):
     with pytest.raises(UserError, match=message):
       torch_pickle.load(str(path))
 
 
-# ---- diffusers folders: outputs equal to the peer's -----------------------------------------------
+# ---- diffusers folders: outputs equal to the peer's ----------------------------------------
 @pytest.mark.parametrize("name", sorted(FIXTURE_CONFIGS))
 def test_diffusers_outputs_equal(name):
   """ddpm32: a safetensors folder; heads16: a torch .bin with the old attention names and 4
@@ -228,7 +229,8 @@ def test_tf_checkpoint_names_and_ema():
   assert {"model/conv_in/W", "model/temb/dense0/W", "model/temb/dense1/b",
           "model/down_0/block_0/norm1/gamma", "model/down_0/block_0/temb_proj/W",
           "model/down_1/block_0/nin_shortcut/W", "model/down_1/attn_1/q/W",
-          "model/down_2/downsample/conv/W", "model/mid/block_1/conv2/b", "model/mid/attn_1/proj_out/W",
+          "model/down_2/downsample/conv/W", "model/mid/block_1/conv2/b",
+          "model/mid/attn_1/proj_out/W",
           "model/up_3/block_2/norm2/beta", "model/up_1/upsample/conv/W", "model/norm_out/gamma",
           "model/conv_out/b"} <= names
   config = tiny_config()

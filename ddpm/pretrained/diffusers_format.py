@@ -117,8 +117,9 @@ def _attention_head_dim(config, attn_widths) -> Optional[int]:
   if m.num_heads == 1:
     return None  # UNet2DModel: one head of all channels
   if len(set(attn_widths)) != 1:
-    raise _cannot(f"model.num_heads={m.num_heads} heads at attention widths {sorted(set(attn_widths))}"
-                  " (UNet2DModel fixes the channels per head: use model.num_head_channels)")
+    raise _cannot(f"model.num_heads={m.num_heads} heads at attention widths "
+                  f"{sorted(set(attn_widths))} (UNet2DModel fixes the channels per head: use "
+                  "model.num_head_channels)")
   return attn_widths[0] // m.num_heads
 
 
@@ -132,9 +133,10 @@ def unet2d_config(config) -> Dict[str, Any]:
   defaults = config_validation.default_config()
   for group, handled in _HANDLED.items():
     for key in config[group].keys():
-      if key not in handled and key in defaults[group] and config[group][key] != defaults[group][key]:
-        raise _cannot(f"{group}.{key}={config[group][key]!r} (only {group}.{key}="
-                      f"{defaults[group][key]!r} is supported by the diffusers format)")
+      default = defaults[group].get(key)
+      if key not in handled and key in defaults[group] and config[group][key] != default:
+        raise _cannot(f"{group}.{key}={config[group][key]!r} (this exporter writes the DDPM "
+                      f"layout, {group}.{key}={default!r})")
   if config.diffusion.model_var_type in diffusion_lib.LEARNED_VAR_TYPES:
     raise _cannot(f"diffusion.model_var_type={config.diffusion.model_var_type!r}: a learned "
                   "variance needs a scheduler with variance_type='learned_range', which a "
