@@ -20,6 +20,10 @@ Writes (about 0.4 MB in all):
                          views with offsets and strides, a Parameter, a 0-d and an empty tensor;
                          tensors.npz the expected arrays
   torch_pickle/pickled_code.pt  a torch.save file whose pickle calls os.system (must be refused)
+  torch_pickle/improved_diffusion_cifar10_tiny.pt  the improved-diffusion UNetModel state dict of
+                         tests/fixtures/improved_diffusion_cifar10_tiny.npz (written by
+                         scripts/make_improved_diffusion_fixtures.py) as torch.save wrote it,
+                         float16 tensors as in that file: the .pt route of ddpm.pretrained.load
 """
 import argparse
 import collections
@@ -200,6 +204,18 @@ def write_torch_pickle(out):
              os.path.join(d, "pickled_code.pt"))
 
 
+def write_improved_diffusion_pt(out):
+  """The state dict of make_improved_diffusion_fixtures.py's CIFAR-10 fixture as a torch file."""
+  with np.load(os.path.join(out, "improved_diffusion_cifar10_tiny.npz")) as f:
+    index, values = json.loads(f["state_dict_index"].item()), f["state_dict_values"]
+  state_dict, offset = collections.OrderedDict(), 0
+  for name, shape in index:
+    size = int(np.prod(shape))
+    state_dict[name] = torch.from_numpy(values[offset:offset + size].reshape(shape).copy())
+    offset += size
+  torch.save(state_dict, os.path.join(out, "torch_pickle", "improved_diffusion_cifar10_tiny.pt"))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join(
@@ -208,6 +224,7 @@ def main():
   torch.manual_seed(0)
   write_diffusers(args.out)
   write_torch_pickle(args.out)
+  write_improved_diffusion_pt(args.out)
   total = sum(os.path.getsize(os.path.join(r, f)) for sub in ("diffusers", "torch_pickle")
               for r, _, files in os.walk(os.path.join(args.out, sub)) for f in files)
   print(f"wrote {args.out}/diffusers and {args.out}/torch_pickle: {total / 1e6:.2f} MB")

@@ -188,6 +188,22 @@ def test_bad_paths(tmp_path):
     pretrained.load(str(truncated), config)
 
 
+def test_improved_diffusion_pt_through_load():
+  """improved-diffusion's state dict as torch.save wrote it (float16 tensors) -> load() -> the
+  peer's outputs (fixture of scripts/make_improved_diffusion_fixtures.py)."""
+  import importlib
+  with np.load(os.path.join(FIXTURES, "improved_diffusion_cifar10_tiny.npz")) as f:
+    config = importlib.import_module(f"configs.{f['base']}").get_config()
+    for key, value in json.loads(f["overrides"].item()).items():
+      group, name = key.split(".")
+      config[group][name] = tuple(value) if isinstance(value, list) else value
+    x, t, want = f["x"].astype(np.float32), f["t"], f["out"]
+  params = pretrained.load(os.path.join(TORCH_PICKLE, "improved_diffusion_cifar10_tiny.pt"),
+                           config)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  assert relative_error(forward(config)(params, x, t), want) < 1e-4
+
+
 def test_foreign_state_dict_is_named():
   # Not a UNet2DModel's: load() asks the improved-diffusion importer (issue 14's other half).
   pytest.importorskip("ddpm.pretrained.improved_diffusion")
