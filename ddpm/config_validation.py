@@ -53,6 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
   return default_config_lib.get_config()
 
 
+def learns_sigma(config) -> bool:
+  """Whether the model outputs a variance too (twice the channels)."""
+  return config.diffusion.model_var_type in diffusion_lib.LEARNED_VAR_TYPES
+
+
 def batch_sizes(config) -> tuple:
   """Every batch size the config (and any of its sweep variants) runs with: training, sampling
   and evaluation. Each must divide by the device count."""

@@ -51,6 +51,7 @@ from absl import flags, logging
 from PIL import Image, ImageOps
 
 from ddpm.errors import UserError
+from ddpm.prefetch import prefetch_to_mesh  # noqa: F401  (lived here before prefetch.py)
 
 CHANNELS = (1, 3)  # config.data.channels: greyscale or RGB
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -294,3 +294,19 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
       batches.close()
   return state
 
+
+
+# Names this module had before experiment.py held them; kept so existing code that imports them
+# from `ddpm.train` still runs (new code: `ddpm.experiment`).
+TrainState = experiment.TrainState
+learning_rate_schedule = experiment.learning_rate_schedule
+make_optimizer = experiment.make_optimizer
+ema_decay_at = experiment.ema_decay_at
+create_train_state = experiment.create_train_state
+initial_rng = experiment.initial_rng
+
+
+def setup(config, workdir=None):
+  """`experiment.setup(config)` under its former name and signature (`workdir` is unused)."""
+  del workdir
+  return experiment.setup(config)
