@@ -78,12 +78,12 @@ def get_config():
 
   # ---- sampling ---------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "ddpm"         # ddpm | ddim | heun
+  sampling.method = "ddpm"         # ddpm | ddim | heun | dpmpp_2m | dpmpp_3m
   sampling.num_steps = 0           # 0 = all num_timesteps steps
   sampling.num_samples = 64
   sampling.batch_size = 64         # per sampling call, over all devices
   sampling.eta = 0.0               # DDIM eta
-  sampling.spacing = "uniform"     # uniform | quadratic timestep spacing for DDIM
+  sampling.spacing = "uniform"     # uniform | quadratic | leading | trailing | linspace | karras
   sampling.clip_denoised = True
   sampling.guidance_scale = 0.0    # classifier-free guidance (class-conditional models)
   sampling.intermediate_every = 0  # > 0: also keep every k-th x_t (for animations)

@@ -22,8 +22,9 @@ CHOICES = {
     "training.compute_dtype": ("float32", "bfloat16"),
     "optim.optimizer": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
-    "sampling.method": ("ddpm", "ddim", "heun"),
-    "sampling.spacing": ("uniform", "quadratic"),
+    "sampling.method": ("ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_3m"),  # = sampling.METHODS
+    "sampling.spacing": ("uniform", "quadratic", "leading", "trailing", "linspace",
+                         "karras"),  # = sampling.SPACINGS
     "eval.feature_extractor": ("inception", "none"),
     "model.name": ("unet",),
     "data.channels": (1, 3),
