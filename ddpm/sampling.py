@@ -57,13 +57,16 @@ Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0,
                leading   i * (T // (N + 1)),                 i = 1..N
                trailing  as above
                linspace  round(linspace(0, T - 1, N + 1))[1:].
-             (diffusers' DDIMScheduler steps from t to t - T // N whatever the spacing; for
-             'linspace' that is not the next listed timestep. Here every method steps to the
-             next listed timestep, so DDIM equals DDIMScheduler for 'leading' and 'trailing'.)
+             (diffusers' DDIMScheduler steps from t to t - T // N whatever the spacing, which
+             is the next listed timestep only for 'leading', and for 'trailing' with N dividing
+             T. Here every method steps to the next listed timestep, so DDIM equals
+             DDIMScheduler step for step in those cases; DPM-Solver++ equals
+             DPMSolverMultistepScheduler for all three.)
   karras     EDM's sigma spacing (Karras et al. 2022, eq. 5, rho = 7) between the sigmas of
              t = 0 and t = T - 1, sigma = sqrt((1 - abar) / abar), each sigma mapped to the
              nearest trained timestep in log sigma (diffusers' `use_karras_sigmas` timesteps),
-             then made distinct by t_i = max(t_i, t_{i-1} + 1). Meant for the ODE solvers
+             then made distinct by t_i = max(t_i, t_{i-1} + 1) (and, if that passes T - 1,
+             t_i = min(t_i, t_{i+1} - 1) from the top). Meant for the ODE solvers
              (ddim, heun, dpmpp_*); the samplers use the kept timesteps' own sigmas.
 A spacing that would repeat a timestep (e.g. diffusers' 'linspace' for the ODE solvers with N
 close to T) is refused.
@@ -166,6 +169,9 @@ def _karras_timesteps(alphas_cumprod: np.ndarray, num_steps: int) -> np.ndarray:
   kept = np.round(t).astype(np.int64)[::-1]
   for i in range(1, num_steps):  # distinct where the rho-spacing is finer than the grid
     kept[i] = max(kept[i], kept[i - 1] + 1)
+  kept[-1] = min(kept[-1], len(log_sigmas) - 1)
+  for i in range(num_steps - 2, -1, -1):  # and back below T where that pushed past T - 1
+    kept[i] = min(kept[i], kept[i + 1] - 1)
   return kept
 
 
