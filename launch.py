@@ -1,7 +1,10 @@
 """Entry point: python launch.py --config=configs/digits.py --workdir=runs/digits [--mode=train].
 
 All logic lives in the `ddpm` library; this file parses flags, starts `jax.distributed` when the
-run spans several processes, validates the config and dispatches on --mode.
+run spans several processes and dispatches on --mode to a library function, which validates the
+config (`config_validation.validate_config`) before it builds anything:
+  train -> train.train_and_evaluate    sample -> evaluation.run_sampling
+  eval -> evaluation.run_eval          sweep -> sweep.run_sweep    benchmark -> benchmark.run_benchmark
 """
 import sys
 
@@ -83,12 +86,7 @@ def main(argv):
     logging.info("CPU: %d JAX device(s) per process (--cpu_devices=%s).", cpu_devices,
                  FLAGS.cpu_devices)
   try:
-    config_validation.validate_config(config, num_devices=jax.device_count())
-  except config_validation.ConfigError as e:
-    sys.exit(f"launch.py: invalid config: {e}")
-
-  try:
-    _run_mode(config)
+    _run_mode(config)  # each mode validates the config first (config_validation.ConfigError)
   except UserError as e:
     sys.exit(f"launch.py: {e}")
 
