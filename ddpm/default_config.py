@@ -89,7 +89,10 @@ def get_config():
   sampling.num_samples = 64
   sampling.batch_size = 64         # per sampling call, over all devices
   sampling.eta = 0.0               # DDIM eta
-  sampling.spacing = "uniform"     # uniform | quadratic | leading | trailing | linspace | karras
+  # Which num_steps of the T timesteps (ddpm.sampling's docstring): linspace | uniform |
+  # quadratic | leading | trailing | karras. 'linspace' keeps uniform's timesteps for ddpm/ddim
+  # (num_steps >= 2) and gives heun/dpmpp_* DPM-Solver's grid, which spends no model call at t = 0.
+  sampling.spacing = "linspace"
   sampling.clip_denoised = True
   sampling.guidance_scale = 0.0    # classifier-free guidance (class-conditional models)
   sampling.intermediate_every = 0  # > 0: also keep every k-th x_t (for animations)

@@ -51,7 +51,7 @@ Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0,
              for ddpm / ddim, DDIMScheduler's
                leading   i * (T // N),                       i = 0..N-1
                trailing  round(T - i T / N) - 1,              i = 0..N-1
-               linspace  round(linspace(0, T - 1, N))
+               linspace  round(linspace(0, T - 1, N))   (= uniform for N >= 2)
              and for heun / dpmpp_* (ODE solvers ending at sigma = 0),
              DPMSolverMultistepScheduler's, which draw N + 1 points and drop t = 0:
                leading   i * (T // (N + 1)),                 i = 1..N

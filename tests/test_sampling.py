@@ -467,6 +467,9 @@ def test_timestep_subsequence():
     for spacing in ("leading", "trailing", "linspace"):
       kept = sampling.timestep_subsequence(T, 10, spacing, method)
       assert len(kept) == 10 and (np.diff(kept) > 0).all() and 0 <= kept[0] and kept[-1] < T
+  for t_train, n in ((T, 7), (T, 33), (1000, 10), (1000, 250), (4000, 999)):
+    np.testing.assert_array_equal(sampling.timestep_subsequence(t_train, n, "linspace"),
+                                  sampling.timestep_subsequence(t_train, n, "uniform"))
   with pytest.raises(ValueError, match="'linspace' with 100 of 100 timesteps.*distinct"):
     sampling.timestep_subsequence(T, T, "linspace", "dpmpp_2m")  # round() repeats steps
   with pytest.raises(ValueError, match="karras.*alphas_cumprod"):
