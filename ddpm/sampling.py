@@ -29,8 +29,9 @@ evaluations per sample, `num_function_evals`):
             this and the previous two steps (r0 = h_prev / h, r1 = h_prevprev / h):
               1st order  x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) m0   (= DDIM eta 0)
               2nd order  ... + alpha_t (1 - e^-h) (m0 - m1) / (2 r0)             (Alg. 2)
-              3rd order  the multistep phi_1, phi_2, phi_3 expansion of DPM-Solver (Lu et al.
-                         2022a, sec. 3.3 / appendix B), as in the authors' code.
+              3rd order  the phi_1, phi_2, phi_3 expansion of the exponential integrator
+                         with divided differences of m0, m1, m2, as in the authors' multistep
+                         third-order update (and diffusers'), see `dpmpp_coefficients`.
             The first steps use the available lower orders (1st, then 2nd); the last step (to
             sigma = 0) is 1st order and returns the x_0 prediction; with N < 15 the step before
             it is at most 2nd order (the paper's and diffusers' `lower_order_final`). The grid is
