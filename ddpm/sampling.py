@@ -1,5 +1,5 @@
-"""Samplers: DDPM ancestral (full or respaced), DDIM, Heun and DPM-Solver++ on the probability-flow
-ODE.
+"""Samplers: DDPM ancestral (full or respaced), DDIM, and Heun, DPM-Solver++ and UniPC on the
+probability-flow ODE.
 
 Every sampler runs its whole reverse loop as ONE `lax.scan` inside one jitted function, and calls
 the model exactly once per scan iteration (the model is traced once per compilation).
@@ -37,6 +37,11 @@ evaluations per sample, `num_function_evals`):
             it is at most 2nd order (the paper's and diffusers' `lower_order_final`). The grid is
             the kept discrete timesteps then sigma = 0, as for heun; x_0 is clipped where
             clip_denoised asks, before it enters the update. NFE = N.
+  unipc     UniPC-bh2 (Zhao et al. 2023, "UniPC", B(h) = e^h - 1), order 2, data-prediction
+            form: after each model call the UniC corrector refines the current x with the new
+            x_0 prediction (no extra call: the same prediction then drives the UniP predictor
+            of the next step). Lower orders for warm-up and for the last step, as diffusers'
+            UniPCMultistepScheduler (lower_order_final, corrector on every step). NFE = N.
 
 Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0, T - 1]):
   uniform    N indices evenly spaced in [0, T - 1], rounded (improved-diffusion's
@@ -53,7 +58,7 @@ Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0,
                leading   i * (T // N),                       i = 0..N-1
                trailing  round(T - i T / N) - 1,              i = 0..N-1
                linspace  round(linspace(0, T - 1, N))   (= uniform for N >= 2)
-             and for heun / dpmpp_* (ODE solvers ending at sigma = 0),
+             and for heun / dpmpp_* / unipc (ODE solvers ending at sigma = 0),
              DPMSolverMultistepScheduler's, which draw N + 1 points and drop t = 0:
                leading   i * (T // (N + 1)),                 i = 1..N
                trailing  as above
@@ -61,14 +66,15 @@ Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0,
              (diffusers' DDIMScheduler steps from t to t - T // N whatever the spacing, which
              is the next listed timestep only for 'leading', and for 'trailing' with N dividing
              T. Here every method steps to the next listed timestep, so DDIM equals
-             DDIMScheduler step for step in those cases; DPM-Solver++ equals
-             DPMSolverMultistepScheduler for all three.)
+             DDIMScheduler step for step in those cases; DPM-Solver++ and UniPC equal
+             DPMSolverMultistepScheduler and UniPCMultistepScheduler, which share these
+             definitions, for all three.)
   karras     EDM's sigma spacing (Karras et al. 2022, eq. 5, rho = 7) between the sigmas of
              t = 0 and t = T - 1, sigma = sqrt((1 - abar) / abar), each sigma mapped to the
              nearest trained timestep in log sigma (diffusers' `use_karras_sigmas` timesteps),
              then made distinct by t_i = max(t_i, t_{i-1} + 1) (and, if that passes T - 1,
              t_i = min(t_i, t_{i+1} - 1) from the top). Meant for the ODE solvers
-             (ddim, heun, dpmpp_*); the samplers use the kept timesteps' own sigmas.
+             (ddim, heun, dpmpp_*, unipc); the samplers use the kept timesteps' own sigmas.
 A spacing that would repeat a timestep (e.g. diffusers' 'linspace' for the ODE solvers with N
 close to T) is refused.
 
@@ -104,12 +110,14 @@ from jax.sharding import PartitionSpec as P
 from ddpm import diffusion as diffusion_lib
 from ddpm import models
 
-METHODS = ("ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_3m")
+METHODS = ("ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace", "karras")
 # Solver order of the multistep methods.
 _DPMPP_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3}
 # Methods whose 'leading' / 'linspace' grids follow DPMSolverMultistepScheduler (else DDIM's).
-_ODE_SOLVERS = ("heun",) + tuple(_DPMPP_ORDER)
+_ODE_SOLVERS = ("heun", "unipc") + tuple(_DPMPP_ORDER)
+# UniPC's order (diffusers' default, the UniPC paper's choice for guided sampling).
+UNIPC_ORDER = 2
 # EDM's rho (Karras et al. 2022, eq. 5).
 KARRAS_RHO = 7.0
 DATA_AXIS = "data"
@@ -354,6 +362,65 @@ def dpmpp_coefficients(alphas_cumprod: np.ndarray, order: int) -> np.ndarray:
   return coef
 
 
+def _unipc_rhos(rks, hh, order, predictor):
+  """UniPC-bh2's weights (Zhao et al. 2023, Alg. 2/3): solve R rho = b for the B(h)-scaled
+  phi-function moments b_k = h phi_{k+1}(h) k! / B(h), R = Vandermonde of the r_k."""
+  b_h = np.expm1(hh)
+  h_phi_k, factorial, b = np.expm1(hh) / hh - 1.0, 1, []
+  for i in range(1, order + 1):
+    b.append(h_phi_k * factorial / b_h)
+    factorial *= i + 1
+    h_phi_k = h_phi_k / hh - 1.0 / factorial
+  r = np.asarray(list(rks) + [1.0])
+  big_r = np.stack([r ** (i - 1) for i in range(1, order + 1)])
+  if predictor:
+    return np.array([0.5]) if order == 2 else np.linalg.solve(big_r[:-1, :-1], b[:-1])
+  return np.array([0.5]) if order == 1 else np.linalg.solve(big_r, b)
+
+
+def unipc_coefficients(alphas_cumprod: np.ndarray, order: int = UNIPC_ORDER) -> np.ndarray:
+  """UniPC-bh2 as float64 [N, 2, 5] coefficients of (x, x_c_prev, m0, m1, m2), m_k the x_0
+  predictions of steps j, j - 1, j - 2:
+    x_c    = c[j, 0] . (x, x_c_prev, m0, m1, m2)    UniC corrector (x_c = x on step 0)
+    x_next = c[j, 1] . (x_c, 0, m0, m1, m2)         UniP predictor to the next level
+  alphas_cumprod: abar at the N model timesteps in sampling order; the last step goes to
+  abar = 1 (sigma = 0) and returns m0.
+  """
+  a = np.append(np.asarray(alphas_cumprod, np.float64), 1.0)
+  n = len(a) - 1
+  alpha, sigma = np.sqrt(a), np.sqrt(1.0 - a)
+  with np.errstate(divide="ignore"):
+    lam = np.log(alpha) - np.log(sigma)                   # +inf at sigma = 0
+  orders = [min(order, n - j, j + 1) for j in range(n)]   # lower_order_final and warm-up
+  coef = np.zeros((n, 2, 5))
+
+  def update(row, j_from, j_to, o, m_this, predictor):
+    """x_{j_to} from x_{j_from}, D1 differences of the m's before m_this, order o."""
+    em = sigma[j_to] * alpha[j_from] / (alpha[j_to] * sigma[j_from])   # e^-h, 0 at sigma = 0
+    row[0 if predictor else 1] = sigma[j_to] / sigma[j_from]
+    row[2 + m_this] -= alpha[j_to] * (em - 1.0)                          # - alpha h phi_1 m0
+    if o == 1 and predictor:
+      return
+    h = lam[j_to] - lam[j_from]
+    rks = [(lam[j_from - k] - lam[j_from]) / h for k in range(1, o if predictor else o)]
+    rhos = _unipc_rhos(rks, -h, o, predictor)
+    scale = -alpha[j_to] * (em - 1.0)                                     # - alpha B(h), bh2
+    for k, rk in enumerate(rks, start=1):                                # D1_k = (m_k - m0) / r_k
+      row[2 + m_this + k] += scale * rhos[k - 1] / rk
+      row[2 + m_this] -= scale * rhos[k - 1] / rk
+    if not predictor:                                                     # + rho_c (m_t - m0)
+      row[2 + m_this - 1] += scale * rhos[-1]
+      row[2 + m_this] -= scale * rhos[-1]
+
+  for j in range(n):
+    if j == 0:
+      coef[j, 0, 0] = 1.0
+    else:  # corrector of x_j from x_c_{j-1}: its m0 is m_{j-1} (slot 3), m_t = m_j (slot 2)
+      update(coef[j, 0], j - 1, j, orders[j - 1], 1, predictor=False)
+    update(coef[j, 1], j, j + 1, orders[j], 0, predictor=True)
+  return coef
+
+
 def _build_plan(diffusion, method, num_steps, eta, spacing):
   """Static schedule of the loop: (diffusion to call, per-iteration arrays, NFE).
 
@@ -385,6 +452,9 @@ def _build_plan(diffusion, method, num_steps, eta, spacing):
     xs = dict(t=kept[::-1].astype(np.int32), sqrt_a_prev=_f32(np.sqrt(a_prev)),
               dir_coef=_f32(np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0))),
               sigma=_f32(sigma))
+    return diffusion, xs, n
+  if method == "unipc":
+    xs = dict(t=kept[::-1].astype(np.int32), coef=_f32(unipc_coefficients(abar[kept][::-1])))
     return diffusion, xs, n
   if method in _DPMPP_ORDER:
     a = abar[kept][::-1]
@@ -453,6 +523,12 @@ def _reverse_loop(diffusion, model_fn, x_T, key, offset, *, method, xs, nfe, cli
       for i, m_prev in enumerate(aux):
         x = x + c[2 + i] * m_prev
       aux = (m,) + aux[:-1]
+    elif method == "unipc":  # aux = (corrected x of the previous step, m_{j-1}, m_{j-2})
+      m = out["pred_xstart"]
+      c = s["coef"]
+      x_c = c[0, 0] * x + c[0, 1] * aux[0] + c[0, 2] * m + c[0, 3] * aux[1] + c[0, 4] * aux[2]
+      x = c[1, 0] * x_c + c[1, 2] * m + c[1, 3] * aux[1] + c[1, 4] * aux[2]
+      aux = (x_c, m, aux[1])
     else:  # heun; aux = (x at the start of the step, eps there)
       eps = diffusion.predict_eps_from_xstart(x, tt, out["pred_xstart"])
       base = jnp.where(s["corrector"], aux[0], x)
@@ -467,6 +543,8 @@ def _reverse_loop(diffusion, model_fn, x_T, key, offset, *, method, xs, nfe, cli
     aux0 = (x_T, x_T)
   elif method in _DPMPP_ORDER:
     aux0 = (x_T,) * (_DPMPP_ORDER[method] - 1)
+  elif method == "unipc":
+    aux0 = (x_T, x_T, x_T)
   else:
     aux0 = ()
   (x, _, frames), _ = jax.lax.scan(body, (x_T, aux0, frames0), xs)
@@ -524,7 +602,8 @@ def sample(diffusion, model_fn: Callable, shape: Sequence[int], rng, method: str
       given, fn(x_t, t, y [B] int32) instead. A closure over the parameters.
     shape: (B, H, W, C) of the samples.
     rng: a jax.random.key (or raw uint32 [2] key data).
-    method: one of METHODS: 'ddpm', 'ddim', 'heun', 'dpmpp_2m', 'dpmpp_3m' (module docstring).
+    method: one of METHODS: 'ddpm', 'ddim', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'unipc' (module
+      docstring).
     num_steps: model timesteps N (None or 0: all T). 'ddpm' with N < T samples the respaced
       process; 'heun' makes 2 N - 1 model evaluations.
     eta: DDIM's eta (method 'ddim' only).

@@ -6,7 +6,8 @@ The file records, for tests/test_sampling.py (which runs without torch):
   * `timesteps`: the timesteps of DDIMScheduler and DPMSolverMultistepScheduler (default
     steps_offset = 0) for spacings 'leading', 'trailing', 'linspace' and DPM-Solver's
     `use_karras_sigmas`, for several (T, N), in diffusers' (decreasing) order;
-  * `trajectories`: x after every scheduler step, from a fixed x_T, with a closed-form model:
+  * `trajectories`: x after every step of DDIMScheduler, DPMSolverMultistepScheduler and
+    UniPCMultistepScheduler, from a fixed x_T, with a closed-form model:
     the Bayes-optimal prediction for data x_0 ~ N(mu, s^2) independently per pixel,
       E[x_0 | x_t] = mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu),
     returned as eps, x_0 or v (the test re-implements the same model in JAX).
@@ -16,7 +17,7 @@ import os
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures",
                    "diffusers_samplers.json")
@@ -88,6 +89,15 @@ def main():
                                     "method": f"dpmpp_{order}m", "spacing": spacing, "N": n,
                                     "mean_type": mean_type, "clip": False, "timesteps": ts,
                                     "x": xs})
+  for spacing, n, mean_type in [("linspace", 10, "eps"), ("trailing", 20, "eps"),
+                                ("linspace", 5, "v")]:
+    sched = UniPCMultistepScheduler(trained_betas=BETAS, timestep_spacing=spacing,
+                                    prediction_type=PREDICTION[mean_type])  # bh2, order 2
+    sched.set_timesteps(n)
+    ts, xs = run(sched, x_T, mean_type)
+    fixture["trajectories"].append({"scheduler": "UniPCMultistepScheduler", "method": "unipc",
+                                    "spacing": spacing, "N": n, "mean_type": mean_type,
+                                    "clip": False, "timesteps": ts, "x": xs})
   os.makedirs(os.path.dirname(OUT), exist_ok=True)
   with open(OUT, "w") as f:
     json.dump(fixture, f, separators=(",", ":"))

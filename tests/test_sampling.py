@@ -264,6 +264,15 @@ def test_dpmpp_step_for_step_and_moments(method, order, rel_tol):
   assert abs(m - MU) < 0.01 and abs(v / S ** 2 - 1) < rel_tol, (method, m, v)
 
 
+def test_unipc_moments():
+  """UniPC-bh2 (its step-for-step check is the diffusers fixture below) recovers the data's
+  mean and variance in 20 steps."""
+  x = cached_sampler(method="unipc", num_steps=20, spacing="quadratic", clip_denoised=False)(
+      params(), jax.random.key(3))
+  x = np.asarray(x, np.float64)
+  assert abs(x.mean() - MU) < 0.01 and abs(x.var() / S ** 2 - 1) < 0.03, (x.mean(), x.var())
+
+
 def test_dpmpp_first_order_is_ddim():
   """DPM-Solver++ of order 1 is DDIM with eta = 0 (Lu et al. 2022, sec. 4.1): applied to every
   x_t of a DDIM run it gives DDIM's next x_t."""
@@ -495,7 +504,7 @@ def test_spacings_equal_diffusers_timesteps(diffusers_fixture):
   for case in diffusers_fixture["timesteps"]:
     t_train, n, spacing = case["T"], case["N"], case["spacing"]
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, t_train))
-    for key, methods in (("ddim", ("ddim", "ddpm")), ("dpmsolver", ("dpmpp_2m", "heun"))):
+    for key, methods in (("ddim", ("ddim", "ddpm")), ("dpmsolver", ("dpmpp_2m", "heun", "unipc"))):
       if key not in case:
         continue
       want = np.asarray(case[key])[::-1]
@@ -524,8 +533,8 @@ def _fixture_model(fixture, mean_type):
 
 
 def test_step_for_step_equal_to_diffusers(diffusers_fixture):
-  """DDIM (eta 0) = DDIMScheduler, dpmpp_2m / dpmpp_3m = DPMSolverMultistepScheduler (eps, x0
-  and v models), every step, from the same x_T with the same model."""
+  """DDIM (eta 0) = DDIMScheduler, dpmpp_2m / dpmpp_3m = DPMSolverMultistepScheduler, unipc =
+  UniPCMultistepScheduler (eps, x0 and v models), every step, same x_T, same model."""
   fx = diffusers_fixture
   shape = tuple(fx["shape"])
   x_T = jnp.asarray(fx["x_T"], jnp.float32).reshape(shape)
