@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Experiment config.")
 flags.DEFINE_string("workdir", "runs/digits", "Workdir with the trained checkpoints.")
 flags.DEFINE_integer("num_samples", 500, "Samples per run.")
-flags.DEFINE_list("methods", ["ddim", "dpmpp_2m", "dpmpp_3m", "heun", "ddpm"], "Samplers.")
+flags.DEFINE_list("methods", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun", "ddpm"],
+                  "Samplers.")
 flags.DEFINE_list("nfe", ["5", "10", "20", "50"], "Model evaluations per sample (heun: the "
                   "largest odd number not above it, 2 N - 1).")
 flags.DEFINE_bool("ddpm_full", True, "Also run ancestral DDPM with all T steps.")
