@@ -6,13 +6,15 @@ config (`config_validation.validate_config`) before it builds anything:
   train -> train.train_and_evaluate     sample -> evaluation.run_sampling
   eval -> evaluation.run_eval           sweep -> sweep.run_sweep
   benchmark -> benchmark.run_benchmark
+  import -> pretrained.import_checkpoint (--import_from)
+  export -> pretrained.export_checkpoint (--export_to)
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "sweep", "benchmark")
+MODES = ("train", "sample", "eval", "sweep", "benchmark", "import", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with "
@@ -20,6 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("variant", None, "--mode=sweep: run only this named variant of the config.")
+flags.DEFINE_string("import_from", None,
+                    "--mode=import: released weights to start W/checkpoints from (a diffusers "
+                    "model folder, an improved-diffusion .pt or a TF checkpoint prefix).")
+flags.DEFINE_string("export_to", None,
+                    "--mode=export: new folder for the EMA weights of the newest checkpoint as "
+                    "a diffusers UNet2DModel (config.json + diffusion_pytorch_model.safetensors).")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process: host:port of process 0 (unset on TPU pods and under SLURM, "
                     "where jax.distributed finds it by itself).")
@@ -93,6 +101,11 @@ def main(argv):
 
 
 def _run_mode(config):
+  from ddpm.errors import UserError
+  for mode, flag in (("import", "import_from"), ("export", "export_to")):
+    if (FLAGS.mode == mode) != bool(FLAGS[flag].value):
+      raise UserError(f"--mode={mode} needs --{flag}=PATH" if FLAGS.mode == mode else
+                      f"--{flag} is only used with --mode={mode}, not --mode={FLAGS.mode}")
   if FLAGS.mode == "train":
     from ddpm import train
     train.train_and_evaluate(config, FLAGS.workdir)
@@ -108,6 +121,12 @@ def _run_mode(config):
   elif FLAGS.mode == "benchmark":
     from ddpm import benchmark
     benchmark.run_benchmark(config, FLAGS.workdir)
+  elif FLAGS.mode == "import":
+    from ddpm import pretrained
+    pretrained.import_checkpoint(config, FLAGS.workdir, FLAGS.import_from)
+  elif FLAGS.mode == "export":
+    from ddpm import pretrained
+    pretrained.export_checkpoint(config, FLAGS.workdir, FLAGS.export_to)
 
 
 if __name__ == "__main__":
