@@ -93,12 +93,15 @@ def get_config():
 
   # ---- sampling ---------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "ddpm"         # ddpm | ddim | heun
+  sampling.method = "ddpm"         # ddpm | ddim | heun | dpmpp_2m | dpmpp_3m | unipc
   sampling.num_steps = 0           # 0 = all num_timesteps steps
   sampling.num_samples = 64
   sampling.batch_size = 64         # per sampling call, over all devices
   sampling.eta = 0.0               # DDIM eta
-  sampling.spacing = "uniform"     # uniform | quadratic timestep spacing for DDIM
+  # Which num_steps of the T timesteps (ddpm.sampling's docstring): linspace | uniform |
+  # quadratic | leading | trailing | karras. 'linspace' keeps uniform's timesteps for ddpm/ddim
+  # (num_steps >= 2) and gives heun/dpmpp_*/unipc DPM-Solver's grid, which spends no model call at t = 0.
+  sampling.spacing = "linspace"
   sampling.clip_denoised = True
   sampling.guidance_scale = 0.0    # classifier-free guidance (class-conditional models)
   sampling.intermediate_every = 0  # > 0: also keep every k-th x_t (for animations)

@@ -1,26 +1,49 @@
-"""Samplers: DDPM ancestral (full or respaced), DDIM, and Heun on the probability-flow ODE.
+"""Samplers: DDPM ancestral (full or respaced), DDIM, and Heun, DPM-Solver++ and UniPC on the
+probability-flow ODE.
 
 Every sampler runs its whole reverse loop as ONE `lax.scan` inside one jitted function, and calls
 the model exactly once per scan iteration (the model is traced once per compilation).
 
-Methods (N = num_steps model timesteps, chosen by `timestep_subsequence`):
-  ddpm  Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Alg. 2). With N < T the
-        process is respaced to the N kept steps (Nichol & Dhariwal 2021, sec. 4): the betas of
-        the kept steps are recomputed from alpha_bar, and learned variances interpolate between
-        the respaced beta and beta-tilde. N model evaluations.
-  ddim  DDIM (Song et al. 2021, eq. 12) on the kept steps, with
-          sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')        (eq. 16),
-        eta = 0 deterministic, eta = 1 the respaced DDPM posterior. N model evaluations.
-  heun  Heun's 2nd-order method (Karras et al. 2022, EDM, Alg. 1) on the probability-flow ODE
-        written in sigma = sqrt((1 - abar) / abar) and x_hat = x / sqrt(abar):
-          d x_hat / d sigma = eps(x_hat sqrt(abar(sigma)), t(sigma))        (DDIM eq. 14),
-        whose Euler step is exactly DDIM with eta = 0. The sigma grid is the trained DISCRETE
-        timesteps kept by `timestep_subsequence` (no interpolation between timesteps; EDM sec. 3
-        does the same for its discrete-time iDDPM models) followed by sigma = 0. Every step but
-        the last takes an Euler predictor and a trapezoidal corrector; the last step (to
-        sigma = 0) is Euler, which returns the prediction of x_0. 2 N - 1 model evaluations.
+Methods (N = num_steps model timesteps, chosen by `timestep_subsequence`; NFE = model
+evaluations per sample, `num_function_evals`):
+  ddpm      Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Alg. 2). With N < T
+            the process is respaced to the N kept steps (Nichol & Dhariwal 2021, sec. 4): the
+            betas of the kept steps are recomputed from alpha_bar, and learned variances
+            interpolate between the respaced beta and beta-tilde. NFE = N.
+  ddim      DDIM (Song et al. 2021, eq. 12) on the kept steps, with
+              sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')    (eq. 16),
+            eta = 0 deterministic, eta = 1 the respaced DDPM posterior. NFE = N.
+  heun      Heun's 2nd-order method (Karras et al. 2022, EDM, Alg. 1) on the probability-flow
+            ODE written in sigma = sqrt((1 - abar) / abar) and x_hat = x / sqrt(abar):
+              d x_hat / d sigma = eps(x_hat sqrt(abar(sigma)), t(sigma))        (DDIM eq. 14),
+            whose Euler step is exactly DDIM with eta = 0. The sigma grid is the trained
+            DISCRETE timesteps kept by `timestep_subsequence` (no interpolation between
+            timesteps; EDM sec. 3 does the same for its discrete-time iDDPM models) followed by
+            sigma = 0. Every step but the last takes an Euler predictor and a trapezoidal
+            corrector; the last step (to sigma = 0) is Euler, which returns the prediction of
+            x_0. NFE = 2 N - 1.
+  dpmpp_2m  DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the multistep solver of
+  dpmpp_3m  the probability-flow ODE in its data-prediction (x_0) form, in the half-log-SNR
+            lambda = log(alpha / sigma) with alpha = sqrt(abar), sigma = sqrt(1 - abar). One
+            step from s to t (h = lambda_t - lambda_s) with the x_0 predictions m0, m1, m2 of
+            this and the previous two steps (r0 = h_prev / h, r1 = h_prevprev / h):
+              1st order  x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) m0   (= DDIM eta 0)
+              2nd order  ... + alpha_t (1 - e^-h) (m0 - m1) / (2 r0)             (Alg. 2)
+              3rd order  the phi_1, phi_2, phi_3 expansion of the exponential integrator
+                         with divided differences of m0, m1, m2, as in the authors' multistep
+                         third-order update (and diffusers'), see `dpmpp_coefficients`.
+            The first steps use the available lower orders (1st, then 2nd); the last step (to
+            sigma = 0) is 1st order and returns the x_0 prediction; with N < 15 the step before
+            it is at most 2nd order (the paper's and diffusers' `lower_order_final`). The grid is
+            the kept discrete timesteps then sigma = 0, as for heun; x_0 is clipped where
+            clip_denoised asks, before it enters the update. NFE = N.
+  unipc     UniPC-bh2 (Zhao et al. 2023, "UniPC", B(h) = e^h - 1), order 2, data-prediction
+            form: after each model call the UniC corrector refines the current x with the new
+            x_0 prediction (no extra call: the same prediction then drives the UniP predictor
+            of the next step). Lower orders for warm-up and for the last step, as diffusers'
+            UniPCMultistepScheduler (lower_order_final, corrector on every step). NFE = N.
 
-Timestep selection (`spacing`):
+Timestep selection (`spacing`, `timestep_subsequence`; increasing indices in [0, T - 1]):
   uniform    N indices evenly spaced in [0, T - 1], rounded (improved-diffusion's
              `space_timesteps(T, "N")`); includes both the first and the last step.
   quadratic  tau_i = max(floor(c i^2), i), i = 0..N-1, c = (T - 1) / (N - 1)^2: the DDIM paper's
@@ -28,6 +51,32 @@ Timestep selection (`spacing`):
              last tau is close to T), here with the last kept step exactly T - 1 (the DDIM code
              stops at 0.8 T), and max(., i) keeping the steps distinct where c i^2 grows by less
              than 1 (the DDIM code repeats steps there). Dense near t = 0, where the ODE curves.
+  leading,   diffusers' `timestep_spacing` (Lin et al. 2024, "Common Diffusion Noise Schedules
+  trailing,  and Sample Steps are Flawed", Table 2) with diffusers' default steps_offset = 0,
+  linspace   exactly as diffusers defines them for the scheduler of the same family:
+             for ddpm / ddim, DDIMScheduler's
+               leading   i * (T // N),                       i = 0..N-1
+               trailing  round(T - i T / N) - 1,              i = 0..N-1
+               linspace  round(linspace(0, T - 1, N))   (= uniform for N >= 2)
+             and for heun / dpmpp_* / unipc (ODE solvers ending at sigma = 0),
+             DPMSolverMultistepScheduler's, which draw N + 1 points and drop t = 0:
+               leading   i * (T // (N + 1)),                 i = 1..N
+               trailing  as above
+               linspace  round(linspace(0, T - 1, N + 1))[1:].
+             (diffusers' DDIMScheduler steps from t to t - T // N whatever the spacing, which
+             is the next listed timestep only for 'leading', and for 'trailing' with N dividing
+             T. Here every method steps to the next listed timestep, so DDIM equals
+             DDIMScheduler step for step in those cases; DPM-Solver++ and UniPC equal
+             DPMSolverMultistepScheduler and UniPCMultistepScheduler, which share these
+             definitions, for all three.)
+  karras     EDM's sigma spacing (Karras et al. 2022, eq. 5, rho = 7) between the sigmas of
+             t = 0 and t = T - 1, sigma = sqrt((1 - abar) / abar), each sigma mapped to the
+             nearest trained timestep in log sigma (diffusers' `use_karras_sigmas` timesteps),
+             then made distinct by t_i = max(t_i, t_{i-1} + 1) (and, if that passes T - 1,
+             t_i = min(t_i, t_{i+1} - 1) from the top). Meant for the ODE solvers
+             (ddim, heun, dpmpp_*, unipc); the samplers use the kept timesteps' own sigmas.
+A spacing that would repeat a timestep (e.g. diffusers' 'linspace' for the ODE solvers with N
+close to T) is refused.
 
 Randomness: each example's noise is drawn from its own key, `fold_in(key, global example index)`
 (the initial noise from one sub-key, the noise of loop iteration i from `fold_in(other sub-key,
@@ -61,8 +110,16 @@ from jax.sharding import PartitionSpec as P
 from ddpm import diffusion as diffusion_lib
 from ddpm import models
 
-METHODS = ("ddpm", "ddim", "heun")
-SPACINGS = ("uniform", "quadratic")
+METHODS = ("ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
+SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace", "karras")
+# Solver order of the multistep methods.
+_DPMPP_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3}
+# Methods whose 'leading' / 'linspace' grids follow DPMSolverMultistepScheduler (else DDIM's).
+_ODE_SOLVERS = ("heun", "unipc") + tuple(_DPMPP_ORDER)
+# UniPC's order (diffusers' default, the UniPC paper's choice for guided sampling).
+UNIPC_ORDER = 2
+# EDM's rho (Karras et al. 2022, eq. 5).
+KARRAS_RHO = 7.0
 DATA_AXIS = "data"
 
 Array = jax.Array
@@ -110,28 +167,71 @@ def _check_args(method, eta, spacing, guidance_scale, intermediate_every):
     raise ValueError(f"intermediate_every must be an int >= 0, got {intermediate_every!r}")
 
 
-def timestep_subsequence(num_timesteps: int, num_steps: int,
-                         spacing: str = "uniform") -> np.ndarray:
+def _karras_timesteps(alphas_cumprod: np.ndarray, num_steps: int) -> np.ndarray:
+  """Karras et al. 2022 eq. 5 (rho = 7) sigmas mapped to the nearest timestep in log sigma."""
+  log_sigmas = np.log(np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod))   # increasing in t
+  ramp = np.linspace(0.0, 1.0, num_steps)
+  lo, hi = np.exp(log_sigmas[0]) ** (1 / KARRAS_RHO), np.exp(log_sigmas[-1]) ** (1 / KARRAS_RHO)
+  sigmas = (hi + ramp * (lo - hi)) ** KARRAS_RHO                             # decreasing
+  # Linear interpolation of t in log sigma, then rounding: diffusers' _sigma_to_t.
+  t = np.interp(np.log(sigmas), log_sigmas, np.arange(len(log_sigmas), dtype=np.float64))
+  kept = np.round(t).astype(np.int64)[::-1]
+  for i in range(1, num_steps):  # distinct where the rho-spacing is finer than the grid
+    kept[i] = max(kept[i], kept[i - 1] + 1)
+  kept[-1] = min(kept[-1], len(log_sigmas) - 1)
+  for i in range(num_steps - 2, -1, -1):  # and back below T where that pushed past T - 1
+    kept[i] = min(kept[i], kept[i + 1] - 1)
+  return kept
+
+
+def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uniform",
+                         method: str = "ddim", alphas_cumprod: Optional[np.ndarray] = None
+                         ) -> np.ndarray:
   """The kept timesteps, increasing: int64 [num_steps] in [0, num_timesteps - 1].
 
-  See the module docstring for 'uniform' and 'quadratic'. num_steps == num_timesteps keeps all.
+  See the module docstring for the spacings; `method` matters only for 'leading' and
+  'linspace' (diffusers defines them differently for DDIM and for the multistep ODE solvers).
+  'karras' needs `alphas_cumprod` (float64 [T]). num_steps == num_timesteps keeps all steps
+  (except where a diffusers spacing would repeat one, which raises).
   """
   if spacing not in SPACINGS:
     raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-  num_steps = _resolve_num_steps(num_timesteps, num_steps)
-  if num_steps == 1:
-    return np.asarray([num_timesteps - 1])
+  if method not in METHODS:
+    raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
+  T, n = num_timesteps, _resolve_num_steps(num_timesteps, num_steps)
+  ode = method in _ODE_SOLVERS
   if spacing == "uniform":
-    steps = sorted(diffusion_lib.space_timesteps(num_timesteps, str(num_steps)))
-    return np.asarray(steps, np.int64)
-  i = np.arange(num_steps, dtype=np.float64)
-  c = (num_timesteps - 1) / (num_steps - 1) ** 2
-  # The 1e-9 guards floor() against c * i^2 landing just below an integer in float64.
-  return np.maximum(np.floor(c * i ** 2 + 1e-9).astype(np.int64), np.arange(num_steps))
+    kept = np.asarray(sorted(diffusion_lib.space_timesteps(T, str(n))) if n > 1 else [T - 1])
+  elif spacing == "quadratic":
+    if n == 1:
+      kept = np.asarray([T - 1])
+    else:
+      i = np.arange(n, dtype=np.float64)
+      c = (T - 1) / (n - 1) ** 2
+      # The 1e-9 guards floor() against c * i^2 landing just below an integer in float64.
+      kept = np.maximum(np.floor(c * i ** 2 + 1e-9).astype(np.int64), np.arange(n))
+  elif spacing == "karras":
+    if alphas_cumprod is None or len(alphas_cumprod) != T:
+      raise ValueError(f"spacing 'karras' needs the {T} alphas_cumprod of the diffusion")
+    kept = _karras_timesteps(np.asarray(alphas_cumprod, np.float64), n)
+  # diffusers' definitions (steps_offset = 0), DDIMScheduler / DPMSolverMultistepScheduler.
+  elif spacing == "trailing":
+    kept = (np.round(np.arange(T, 0, -T / n)) - 1)[::-1]
+  elif spacing == "leading":
+    kept = np.arange(1, n + 1) * (T // (n + 1)) if ode else np.arange(n) * (T // n)
+  else:  # linspace
+    kept = np.round(np.linspace(0, T - 1, n + 1))[1:] if ode else np.round(np.linspace(0, T - 1, n))
+  kept = np.asarray(kept).astype(np.int64)
+  if len(kept) != n or (np.diff(kept) <= 0).any() or kept[0] < 0 or kept[-1] > T - 1:
+    raise ValueError(f"spacing {spacing!r} with {n} of {T} timesteps for method {method!r} gives "
+                     f"{len(kept)} timesteps that are not distinct and increasing in [0, {T - 1}]"
+                     f" ({kept.tolist()[:8]}...): use fewer steps or another spacing")
+  return kept
 
 
 def num_function_evals(method: str, num_steps: int) -> int:
-  """Model evaluations per sample (with guidance each is one call on a doubled batch)."""
+  """Model evaluations per sample (with guidance each is one call on a doubled batch):
+  2 N - 1 for heun, N for the others."""
   if method not in METHODS:
     raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
   return 2 * num_steps - 1 if method == "heun" else num_steps
@@ -210,6 +310,117 @@ def _alphas_cumprod64(diffusion) -> np.ndarray:
   return np.cumprod(1.0 - np.asarray(diffusion.betas_float64, np.float64))
 
 
+def dpmpp_coefficients(alphas_cumprod: np.ndarray, order: int) -> np.ndarray:
+  """DPM-Solver++ multistep as x_next = c[0] x + c[1] m0 + c[2] m1 + c[3] m2 (float64 [N, 4]).
+
+  Args:
+    alphas_cumprod: abar at the N model timesteps in sampling order (decreasing noise); the
+      last step goes to abar = 1 (sigma = 0).
+    order: 1, 2 or 3 (module docstring: warm-up and final steps take lower orders).
+  Returns:
+    Row j: the update of step j from x (at alphas_cumprod[j]) with m0, m1, m2 the x_0
+    predictions of steps j, j - 1, j - 2 (zero coefficients where unused).
+  """
+  a = np.asarray(alphas_cumprod, np.float64)
+  n = len(a)
+  a_to = np.append(a[1:], 1.0)
+  alpha, sigma = np.sqrt(a), np.sqrt(1.0 - a)
+  alpha_to, sigma_to = np.sqrt(a_to), np.sqrt(1.0 - a_to)
+  lam = np.log(alpha) - np.log(sigma)                     # lambda at the model timesteps
+  coef = np.zeros((n, 4))
+  for j in range(n):
+    o = min(order, j + 1)                                 # warm-up: the history available
+    if j == n - 1:
+      o = 1                                               # to sigma = 0: returns m0
+    elif j == n - 2 and n < 15:
+      o = min(o, 2)                                       # lower_order_final
+    # e^-h = (sigma_t alpha_s) / (alpha_t sigma_s): exact, and 0 at sigma_t = 0 (h = inf).
+    exp_neg_h = sigma_to[j] * alpha[j] / (alpha_to[j] * sigma[j])
+    phi1 = alpha_to[j] * (1.0 - exp_neg_h)
+    coef[j, 0] = sigma_to[j] / sigma[j]
+    coef[j, 1] = phi1
+    if o == 1:
+      continue
+    h = np.log(alpha_to[j]) - np.log(sigma_to[j]) - lam[j]
+    r0 = (lam[j] - lam[j - 1]) / h
+    if o == 2:  # Lu et al. 2022 (DPM-Solver++), Alg. 2: D = (1 + 1/(2 r)) m0 - 1/(2 r) m1
+      coef[j, 1] += phi1 / (2 * r0)
+      coef[j, 2] = -phi1 / (2 * r0)
+      continue
+    # 3rd order: x_t = (sigma_t/sigma_s) x + alpha_t (phi_1 D0 + phi_2 D1 - phi_3 D2) with
+    # phi_1 = 1 - e^-h, phi_2 = (e^-h - 1) / h + 1, phi_3 = (e^-h - 1 + h) / h^2 - 1/2 and the
+    # divided differences D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+    # D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1).
+    r1 = (lam[j - 1] - lam[j - 2]) / h
+    phi2 = alpha_to[j] * ((exp_neg_h - 1.0) / h + 1.0)
+    phi3 = alpha_to[j] * ((exp_neg_h - 1.0 + h) / h ** 2 - 0.5)
+    d1_0 = np.array([1.0, -1.0, 0.0]) / r0                 # in the basis (m0, m1, m2)
+    d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    coef[j, 1:] += phi2 * d1 - phi3 * d2
+  return coef
+
+
+def _unipc_rhos(rks, hh, order, predictor):
+  """UniPC-bh2's weights (Zhao et al. 2023, Alg. 2/3): solve R rho = b for the B(h)-scaled
+  phi-function moments b_k = h phi_{k+1}(h) k! / B(h), R = Vandermonde of the r_k."""
+  b_h = np.expm1(hh)
+  h_phi_k, factorial, b = np.expm1(hh) / hh - 1.0, 1, []
+  for i in range(1, order + 1):
+    b.append(h_phi_k * factorial / b_h)
+    factorial *= i + 1
+    h_phi_k = h_phi_k / hh - 1.0 / factorial
+  r = np.asarray(list(rks) + [1.0])
+  big_r = np.stack([r ** (i - 1) for i in range(1, order + 1)])
+  if predictor:
+    return np.array([0.5]) if order == 2 else np.linalg.solve(big_r[:-1, :-1], b[:-1])
+  return np.array([0.5]) if order == 1 else np.linalg.solve(big_r, b)
+
+
+def unipc_coefficients(alphas_cumprod: np.ndarray, order: int = UNIPC_ORDER) -> np.ndarray:
+  """UniPC-bh2 as float64 [N, 2, 5] coefficients of (x, x_c_prev, m0, m1, m2), m_k the x_0
+  predictions of steps j, j - 1, j - 2:
+    x_c    = c[j, 0] . (x, x_c_prev, m0, m1, m2)    UniC corrector (x_c = x on step 0)
+    x_next = c[j, 1] . (x_c, 0, m0, m1, m2)         UniP predictor to the next level
+  alphas_cumprod: abar at the N model timesteps in sampling order; the last step goes to
+  abar = 1 (sigma = 0) and returns m0.
+  """
+  a = np.append(np.asarray(alphas_cumprod, np.float64), 1.0)
+  n = len(a) - 1
+  alpha, sigma = np.sqrt(a), np.sqrt(1.0 - a)
+  with np.errstate(divide="ignore"):
+    lam = np.log(alpha) - np.log(sigma)                   # +inf at sigma = 0
+  orders = [min(order, n - j, j + 1) for j in range(n)]   # lower_order_final and warm-up
+  coef = np.zeros((n, 2, 5))
+
+  def update(row, j_from, j_to, o, m_this, predictor):
+    """x_{j_to} from x_{j_from}, D1 differences of the m's before m_this, order o."""
+    em = sigma[j_to] * alpha[j_from] / (alpha[j_to] * sigma[j_from])   # e^-h, 0 at sigma = 0
+    row[0 if predictor else 1] = sigma[j_to] / sigma[j_from]
+    row[2 + m_this] -= alpha[j_to] * (em - 1.0)                          # - alpha h phi_1 m0
+    if o == 1 and predictor:
+      return
+    h = lam[j_to] - lam[j_from]
+    rks = [(lam[j_from - k] - lam[j_from]) / h for k in range(1, o if predictor else o)]
+    rhos = _unipc_rhos(rks, -h, o, predictor)
+    scale = -alpha[j_to] * (em - 1.0)                                     # - alpha B(h), bh2
+    for k, rk in enumerate(rks, start=1):                                # D1_k = (m_k - m0) / r_k
+      row[2 + m_this + k] += scale * rhos[k - 1] / rk
+      row[2 + m_this] -= scale * rhos[k - 1] / rk
+    if not predictor:                                                     # + rho_c (m_t - m0)
+      row[2 + m_this - 1] += scale * rhos[-1]
+      row[2 + m_this] -= scale * rhos[-1]
+
+  for j in range(n):
+    if j == 0:
+      coef[j, 0, 0] = 1.0
+    else:  # corrector of x_j from x_c_{j-1}: its m0 is m_{j-1} (slot 3), m_t = m_j (slot 2)
+      update(coef[j, 0], j - 1, j, orders[j - 1], 1, predictor=False)
+    update(coef[j, 1], j, j + 1, orders[j], 0, predictor=True)
+  return coef
+
+
 def _build_plan(diffusion, method, num_steps, eta, spacing):
   """Static schedule of the loop: (diffusion to call, per-iteration arrays, NFE).
 
@@ -218,8 +429,8 @@ def _build_plan(diffusion, method, num_steps, eta, spacing):
   """
   T = diffusion.num_timesteps
   n = _resolve_num_steps(T, num_steps)
-  kept = timestep_subsequence(T, n, spacing)
   abar = _alphas_cumprod64(diffusion)
+  kept = timestep_subsequence(T, n, spacing, method, abar)
   dead = kept[abar[kept] <= 0]
   # alpha_bar = 0 (a beta of 1: the last step of 'jsd', or of 'linear' with T = 20) makes x_t
   # independent of x_0: an eps-model cannot predict x_0 there (0 / 0 in Ho eq. 11's inverse),
@@ -241,6 +452,14 @@ def _build_plan(diffusion, method, num_steps, eta, spacing):
     xs = dict(t=kept[::-1].astype(np.int32), sqrt_a_prev=_f32(np.sqrt(a_prev)),
               dir_coef=_f32(np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0))),
               sigma=_f32(sigma))
+    return diffusion, xs, n
+  if method == "unipc":
+    xs = dict(t=kept[::-1].astype(np.int32), coef=_f32(unipc_coefficients(abar[kept][::-1])))
+    return diffusion, xs, n
+  if method in _DPMPP_ORDER:
+    a = abar[kept][::-1]
+    xs = dict(t=kept[::-1].astype(np.int32),
+              coef=_f32(dpmpp_coefficients(a, _DPMPP_ORDER[method])))
     return diffusion, xs, n
   # heun: sigma grid from the kept steps (down) then 0.
   down = kept[::-1]
@@ -297,6 +516,19 @@ def _reverse_loop(diffusion, model_fn, x_T, key, offset, *, method, xs, nfe, cli
       x = s["sqrt_a_prev"] * out["pred_xstart"] + s["dir_coef"] * eps
       if add_noise:
         x = x + s["sigma"] * noise
+    elif method in _DPMPP_ORDER:  # aux = the x_0 predictions of the previous steps
+      m = out["pred_xstart"]
+      c = s["coef"]
+      x = c[0] * x + c[1] * m
+      for i, m_prev in enumerate(aux):
+        x = x + c[2 + i] * m_prev
+      aux = (m,) + aux[:-1]
+    elif method == "unipc":  # aux = (corrected x of the previous step, m_{j-1}, m_{j-2})
+      m = out["pred_xstart"]
+      c = s["coef"]
+      x_c = c[0, 0] * x + c[0, 1] * aux[0] + c[0, 2] * m + c[0, 3] * aux[1] + c[0, 4] * aux[2]
+      x = c[1, 0] * x_c + c[1, 2] * m + c[1, 3] * aux[1] + c[1, 4] * aux[2]
+      aux = (x_c, m, aux[1])
     else:  # heun; aux = (x at the start of the step, eps there)
       eps = diffusion.predict_eps_from_xstart(x, tt, out["pred_xstart"])
       base = jnp.where(s["corrector"], aux[0], x)
@@ -306,7 +538,15 @@ def _reverse_loop(diffusion, model_fn, x_T, key, offset, *, method, xs, nfe, cli
       x = jnp.where(s["final"], out["pred_xstart"], s["c_x"] * base + s["c_d"] * slope)
     return (x, aux, frames), None
 
-  aux0 = (x_T, x_T) if method == "heun" else ()  # placeholders: the first predictor sets them
+  # Placeholders (the first step sets them, or gives them zero coefficients).
+  if method == "heun":
+    aux0 = (x_T, x_T)
+  elif method in _DPMPP_ORDER:
+    aux0 = (x_T,) * (_DPMPP_ORDER[method] - 1)
+  elif method == "unipc":
+    aux0 = (x_T, x_T, x_T)
+  else:
+    aux0 = ()
   (x, _, frames), _ = jax.lax.scan(body, (x_T, aux0, frames0), xs)
   if k:
     return x, jnp.concatenate([frames, x[None]])
@@ -362,12 +602,13 @@ def sample(diffusion, model_fn: Callable, shape: Sequence[int], rng, method: str
       given, fn(x_t, t, y [B] int32) instead. A closure over the parameters.
     shape: (B, H, W, C) of the samples.
     rng: a jax.random.key (or raw uint32 [2] key data).
-    method: 'ddpm', 'ddim' or 'heun' (module docstring).
+    method: one of METHODS: 'ddpm', 'ddim', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'unipc' (module
+      docstring).
     num_steps: model timesteps N (None or 0: all T). 'ddpm' with N < T samples the respaced
       process; 'heun' makes 2 N - 1 model evaluations.
     eta: DDIM's eta (method 'ddim' only).
     clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
-    spacing: 'uniform' or 'quadratic' selection of the N timesteps.
+    spacing: one of SPACINGS, the selection of the N timesteps (module docstring).
     guidance_scale: classifier-free guidance weight w (needs `y`).
     intermediate_every: k > 0 also returns the frames described in the module docstring.
     y: int [B] class labels for class-conditional models.
@@ -453,7 +694,8 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
     return compiled(params, key, y, noise)
 
   # For logs and benchmarks: the kept timesteps (increasing) and model calls per sample.
-  sampler.timesteps = timestep_subsequence(diffusion.num_timesteps, num_steps, spacing)
+  sampler.timesteps = timestep_subsequence(diffusion.num_timesteps, num_steps, spacing, method,
+                                           _alphas_cumprod64(diffusion))
   sampler.num_function_evals = plan[2]
   return sampler
 

@@ -9,6 +9,8 @@ Samples must match that recursion to Monte-Carlo tolerance, and the accurate sam
 reproduce the data's mean and variance.
 """
 import functools
+import json
+import os
 
 import jax
 import jax.extend
@@ -155,6 +157,42 @@ def reference_heun_moments(kept):
   return m, v
 
 
+def reference_dpmpp_trajectory(kept, order):
+  """DPM-Solver++ (Lu et al. 2022) in its paper form, on the affine optimal denoiser: x after
+  every step as x = A x_T + B, float64 [N, 2] (A, B). Steps in lambda = log(alpha / sigma):
+  1st order x_t = sigma_t / sigma_s x_s - alpha_t (e^-h - 1) m0 (DDIM); 2M (Alg. 2) with
+  D = (1 + 1 / (2 r)) m0 - 1 / (2 r) m1; 3M with the phi_2, phi_3 terms of the authors' code.
+  Lower orders for warm-up, 1st order to sigma = 0 (which returns m0), at most 2nd order for
+  the step before it when N < 15."""
+  ab = _abar64()[np.asarray(kept)][::-1]
+  n = len(ab)
+  alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
+  lam = np.log(alpha / sigma)
+  x, ms, out = np.array([1.0, 0.0]), [], []
+  for j in range(n):
+    k, c = _affine_x0(ab[j])
+    ms.insert(0, np.array([k * x[0], k * x[1] + c]))
+    if j == n - 1:                      # sigma_t = 0, h = inf: x_t = m0
+      out.append(ms[0])
+      break
+    o = min(order, j + 1, 2 if (j == n - 2 and n < 15) else order)
+    h = lam[j + 1] - lam[j]
+    at, ratio, em1 = alpha[j + 1], sigma[j + 1] / sigma[j], np.expm1(-h)
+    if o == 1:
+      x = ratio * x - at * em1 * ms[0]
+    elif o == 2:
+      r = (lam[j] - lam[j - 1]) / h
+      x = ratio * x - at * em1 * ((1 + 1 / (2 * r)) * ms[0] - 1 / (2 * r) * ms[1])
+    else:
+      r0, r1 = (lam[j] - lam[j - 1]) / h, (lam[j - 1] - lam[j - 2]) / h
+      d10, d11 = (ms[0] - ms[1]) / r0, (ms[1] - ms[2]) / r1
+      d1, d2 = d10 + r0 / (r0 + r1) * (d10 - d11), (d10 - d11) / (r0 + r1)
+      x = (ratio * x - at * em1 * ms[0] + at * (em1 / h + 1) * d1
+           - at * ((em1 + h) / h ** 2 - 0.5) * d2)
+    out.append(x)
+  return np.asarray(out)
+
+
 def assert_moments(x, m, v, what):
   """Sample mean/variance of i.i.d. pixels against (m, v): 5 standard errors."""
   x = np.asarray(x, np.float64).ravel()
@@ -207,6 +245,47 @@ def test_other_parameterisations(mean_type):
   x = cached_sampler(model_mean_type=mean_type, method="heun", num_steps=10,
                      clip_denoised=False)(params(), jax.random.key(1))
   assert_moments(x, *reference_heun_moments(sampling.timestep_subsequence(T, 10)), mean_type)
+
+
+@pytest.mark.parametrize("method,order,rel_tol", [("dpmpp_2m", 2, 0.02), ("dpmpp_3m", 3, 0.01)])
+def test_dpmpp_step_for_step_and_moments(method, order, rel_tol):
+  """Every step equals the paper-form float64 recursion, and 20 steps recover the data's mean
+  and variance (first-order DDIM is 15% off there, see CASES)."""
+  kept = sampling.timestep_subsequence(T, 20, "quadratic", method)
+  x, frames = cached_sampler(method=method, num_steps=20, spacing="quadratic",
+                             clip_denoised=False, intermediate_every=1)(params(), jax.random.key(3))
+  ref = reference_dpmpp_trajectory(kept, order)
+  x_T = np.asarray(frames[0], np.float64)
+  for j in range(20):  # frame j + 1 is x after step j (the last frame is the sample)
+    np.testing.assert_allclose(frames[j + 1], ref[j, 0] * x_T + ref[j, 1], atol=2e-5,
+                               err_msg=f"{method} step {j}")
+  m, v = ref[-1, 1], ref[-1, 0] ** 2
+  assert_moments(x, m, v, method)
+  assert abs(m - MU) < 0.01 and abs(v / S ** 2 - 1) < rel_tol, (method, m, v)
+
+
+def test_unipc_moments():
+  """UniPC-bh2 (its step-for-step check is the diffusers fixture below) recovers the data's
+  mean and variance in 20 steps."""
+  x = cached_sampler(method="unipc", num_steps=20, spacing="quadratic", clip_denoised=False)(
+      params(), jax.random.key(3))
+  x = np.asarray(x, np.float64)
+  assert abs(x.mean() - MU) < 0.01 and abs(x.var() / S ** 2 - 1) < 0.03, (x.mean(), x.var())
+
+
+def test_dpmpp_first_order_is_ddim():
+  """DPM-Solver++ of order 1 is DDIM with eta = 0 (Lu et al. 2022, sec. 4.1): applied to every
+  x_t of a DDIM run it gives DDIM's next x_t."""
+  kept = sampling.timestep_subsequence(T, 20)
+  _, frames = cached_sampler(method="ddim", num_steps=20, clip_denoised=False,
+                             intermediate_every=1)(params(), jax.random.key(4))
+  coef = sampling.dpmpp_coefficients(_abar64()[kept][::-1], order=1)
+  assert not coef[:, 2:].any()
+  x = np.asarray(frames[:-1]).reshape((-1,) + SHAPE[1:])          # the 20 inputs, stacked
+  t = jnp.asarray(np.repeat(kept[::-1], SHAPE[0]), jnp.int32)
+  m0 = np.asarray(optimal_model("x0")(x, t)).reshape(frames[:-1].shape)
+  step = coef[:, 0, None, None, None, None] * frames[:-1] + coef[:, 1, None, None, None, None] * m0
+  np.testing.assert_allclose(frames[1:], step, atol=2e-5)
 
 
 def test_sample_function(diff):
@@ -289,7 +368,7 @@ def test_make_sampler_compiles_once_and_rng_matters(diff):
 NOISE = jax.random.normal(jax.random.key(5), SHAPE)
 
 
-@pytest.mark.parametrize("method,num_steps", [("ddim", 20), ("heun", 10)])
+@pytest.mark.parametrize("method,num_steps", [("ddim", 20), ("heun", 10), ("dpmpp_3m", 10)])
 def test_deterministic_samplers_depend_only_on_noise(method, num_steps):
   sampler = cached_sampler(method=method, num_steps=num_steps, clip_denoised=False)
   a = sampler(params(), jax.random.key(0), noise=NOISE)
@@ -299,7 +378,7 @@ def test_deterministic_samplers_depend_only_on_noise(method, num_steps):
   assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("method,num_steps", [("ddim", 20), ("heun", 10)])
+@pytest.mark.parametrize("method,num_steps", [("ddim", 20), ("heun", 10), ("dpmpp_2m", 10)])
 def test_clip_denoised_bounds_the_final_prediction(method, num_steps):
   wide = params(mu=0.0, s=2.0)  # their last step returns the (clipped) predicted x_0
   x = cached_sampler(method=method, num_steps=num_steps, clip_denoised=True)(
@@ -389,14 +468,93 @@ def test_guidance(diff):
 
 def test_timestep_subsequence():
   for n in (1, 2, 7, 10, 33, 100):
-    for spacing in sampling.SPACINGS:
-      kept = sampling.timestep_subsequence(T, n, spacing)
+    for spacing in ("uniform", "quadratic", "karras"):
+      kept = sampling.timestep_subsequence(T, n, spacing, alphas_cumprod=_abar64())
       assert len(kept) == n and kept[-1] == T - 1 and (np.diff(kept) > 0).all()
       assert n == 1 or kept[0] == 0
+  for method in sampling.METHODS:
+    for spacing in ("leading", "trailing", "linspace"):
+      kept = sampling.timestep_subsequence(T, 10, spacing, method)
+      assert len(kept) == 10 and (np.diff(kept) > 0).all() and 0 <= kept[0] and kept[-1] < T
+  for t_train, n in ((T, 7), (T, 33), (1000, 10), (1000, 250), (4000, 999)):
+    np.testing.assert_array_equal(sampling.timestep_subsequence(t_train, n, "linspace"),
+                                  sampling.timestep_subsequence(t_train, n, "uniform"))
+  with pytest.raises(ValueError, match="'linspace' with 100 of 100 timesteps.*distinct"):
+    sampling.timestep_subsequence(T, T, "linspace", "dpmpp_2m")  # round() repeats steps
+  with pytest.raises(ValueError, match="karras.*alphas_cumprod"):
+    sampling.timestep_subsequence(T, 10, "karras")
   np.testing.assert_array_equal(sampling.timestep_subsequence(T, 20),
                                 diffusion_lib.space_timesteps(T, "20"))
   kept = sampling.timestep_subsequence(1000, 10, "quadratic")  # c = 999 / 81: floor(c i^2)
   np.testing.assert_array_equal(kept, [int(np.floor(999 / 81 * i * i + 1e-9)) for i in range(10)])
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers_samplers.json")
+
+
+@pytest.fixture(scope="module")
+def diffusers_fixture():
+  with open(FIXTURE) as f:  # made by scripts/make_sampler_fixtures.py (diffusers 0.42.1)
+    return json.load(f)
+
+
+def test_spacings_equal_diffusers_timesteps(diffusers_fixture):
+  """DDIMScheduler's lists for ddim / ddpm, DPMSolverMultistepScheduler's for the ODE solvers;
+  for 'karras' its timesteps (diffusers' linear betas), made distinct by t_i >= t_{i-1} + 1."""
+  for case in diffusers_fixture["timesteps"]:
+    t_train, n, spacing = case["T"], case["N"], case["spacing"]
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, t_train))
+    for key, methods in (("ddim", ("ddim", "ddpm")), ("dpmsolver", ("dpmpp_2m", "heun", "unipc"))):
+      if key not in case:
+        continue
+      want = np.asarray(case[key])[::-1]
+      if spacing == "karras":
+        for i in range(1, n):
+          want[i] = max(want[i], want[i - 1] + 1)
+      for method in methods:
+        np.testing.assert_array_equal(
+            sampling.timestep_subsequence(t_train, n, spacing, method, abar), want,
+            err_msg=f"T={t_train} N={n} {spacing} {method}")
+
+
+def _fixture_model(fixture, mean_type):
+  """The fixture's closed-form model: Gaussian data N(mu, s^2) per pixel, mu an [H, W, 1] map."""
+  abar = jnp.asarray(np.cumprod(1.0 - np.asarray(fixture["betas"])), jnp.float32)
+  mu = jnp.asarray(fixture["mu"], jnp.float32).reshape(fixture["shape"][1:])
+  s = fixture["s"]
+
+  def apply_fn(p, x, t, y):
+    a = abar[t][:, None, None, None]
+    x0 = mu + jnp.sqrt(a) * s ** 2 / (a * s ** 2 + 1 - a) * (x - jnp.sqrt(a) * mu)
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    return {"eps": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[mean_type]
+
+  return apply_fn
+
+
+def test_step_for_step_equal_to_diffusers(diffusers_fixture):
+  """DDIM (eta 0) = DDIMScheduler, dpmpp_2m / dpmpp_3m = DPMSolverMultistepScheduler, unipc =
+  UniPCMultistepScheduler (eps, x0 and v models), every step, same x_T, same model."""
+  fx = diffusers_fixture
+  shape = tuple(fx["shape"])
+  x_T = jnp.asarray(fx["x_T"], jnp.float32).reshape(shape)
+  for case in fx["trajectories"]:
+    d = diffusion_lib.GaussianDiffusion.create(np.asarray(fx["betas"]),
+                                              model_mean_type=case["mean_type"])
+    sampler = sampling.make_sampler(
+        d, _fixture_model(fx, case["mean_type"]), shape, method=case["method"],
+        num_steps=case["N"], spacing=case["spacing"], clip_denoised=case["clip"],
+        intermediate_every=1)
+    what = f"{case['scheduler']} {case['method']} {case['spacing']} N={case['N']}"
+    np.testing.assert_array_equal(sampler.timesteps[::-1], case["timesteps"], err_msg=what)
+    x, frames = sampler({}, jax.random.key(0), noise=x_T)
+    ours = np.asarray(frames[1:]).reshape(case["N"], -1)   # x after every step
+    np.testing.assert_allclose(ours, np.asarray(case["x"]), atol=1e-5, err_msg=what)
+    if case["clip"]:  # the clipping mattered
+      unclipped = sampling.make_sampler(d, _fixture_model(fx, case["mean_type"]), shape,
+                                        method=case["method"], num_steps=case["N"],
+                                        spacing=case["spacing"], clip_denoised=False)
+      assert np.abs(np.asarray(unclipped({}, jax.random.key(0), noise=x_T)) - x).max() > 1e-3
 
 
 def test_config_sampler():
