@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -186,6 +187,67 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, states, caplog, corrupt
   state, _, step = checkpointing.restore_latest(mngr, states[3])
   assert step == 20
   _assert_bitwise_equal(state, states[4])
+
+
+def _largest_data_file(step_dir):
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_same_size_byte_damage_is_detected_and_previous_used(tmp_path, caplog):
+  # Arrays large enough to be stored out of line (OCDBT keeps small values inside its
+  # CRC-checked index nodes, where damage already fails to read).
+  saved = {s: {"w": jax.random.normal(jax.random.key(s), (64, 64)), "step": jnp.int32(s)}
+           for s in (10, 20)}
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  for step, state in saved.items():
+    checkpointing.save(mngr, step, state)
+  path = _largest_data_file(_step_dir(tmp_path, 20))
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF  # one damaged byte, the file size unchanged
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  # Orbax alone reads the damaged checkpoint without an error, into different values.
+  with ocp.StandardCheckpointer() as reader:
+    raw = reader.restore(os.path.join(_step_dir(tmp_path, 20), "state"), _abstract(saved[20]))
+  assert not np.array_equal(raw["w"], saved[20]["w"])
+  with caplog.at_level(logging.WARNING):
+    state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
+                                                  _abstract(saved[10]))
+  assert step == 10
+  _assert_bitwise_equal(state, saved[10])
+  assert "checksum mismatch in w" in caplog.text and _step_dir(tmp_path, 20) in caplog.text
+  assert any(n.startswith("20.corrupt-") for n in os.listdir(tmp_path))
+
+
+def test_restored_non_finite_state_is_refused(tmp_path, states, caplog):
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 1, states[1])
+  # A checkpoint of an older version (no checksums) that holds an Inf: `save` would refuse it.
+  bad = states[2].replace(params={**states[2].params, "dense": states[2].params["dense"] * jnp.inf})
+  mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(bad)))
+  with caplog.at_level(logging.WARNING):
+    state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
+                                                  states[3])
+  assert step == 1
+  _assert_bitwise_equal(state, states[1])
+  assert "non-finite values in state.params['dense']" in caplog.text
+
+
+def test_checksums_do_not_depend_on_sharding_or_placement():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  tree = {"x": x, "b": jnp.arange(8, dtype=jnp.bfloat16), "k": jax.random.key(3)}
+  sharded = {**tree, "x": jax.device_put(x, NamedSharding(mesh, P("data")))}
+  host = {"x": np.asarray(x), "b": np.asarray(tree["b"]),
+          "k": np.asarray(jax.random.key_data(tree["k"]))}
+  assert checkpointing.checksums(tree) == checkpointing.checksums(sharded)
+  assert checkpointing.checksums(tree) == checkpointing.checksums(host)
+  flipped = np.asarray(x).copy()
+  flipped.view(np.uint32)[7, 3] ^= 1  # one bit of one value
+  assert checkpointing.checksums({"x": flipped})["x"] != checkpointing.checksums(tree)["x"]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
