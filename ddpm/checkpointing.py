@@ -27,9 +27,11 @@ Robustness:
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
     processes every process stops at the same step (JAX's preemption sync point).
 """
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -60,8 +62,16 @@ class CheckpointRestoreError(UserError, RuntimeError):
   """Checkpoints exist but none of them could be restored."""
 
 
+class CheckpointWriteError(UserError, OSError):
+  """A checkpoint could not be written for lack of space; older ones are intact."""
+
+
 class NonFiniteStateError(FloatingPointError):
   """The state to be saved holds NaN or Inf values; nothing was written."""
+
+  def __init__(self, message: str, leaves: Sequence[str] = ()):
+    super().__init__(message)
+    self.leaves = list(leaves)  # key paths of the non-finite leaves
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +127,36 @@ def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool =
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
-  """Blocks until pending asynchronous saves are written (call before exiting)."""
-  mngr.wait_until_finished()
+  """Blocks until pending asynchronous saves are written (call before exiting).
+
+  Raises:
+    CheckpointWriteError: the device is full (names the failed and the last intact step).
+  """
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_disk_full(mngr, None, e)
+    raise
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text
+          or "No space left on device" in text)
+
+
+def _raise_if_disk_full(mngr, step: Optional[int], error: BaseException) -> None:
+  """An asynchronous write fails late (TensorStore: RESOURCE_EXHAUSTED, in the next save or
+  wait): name the step whose write failed (from the temporary directory in the message)."""
+  if not _is_disk_full(error):
+    return
+  found = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(error))
+  failed = int(found.group(1)) if found else step
+  intact = latest_step(mngr.directory)
+  raise CheckpointWriteError(
+      f"no space left on device while writing checkpoint {failed} in {mngr.directory}; "
+      + (f"checkpoints up to {intact} are intact" if intact is not None else
+         "no checkpoint was written before")) from error
 
 
 def latest_step(directory) -> Optional[int]:
@@ -281,9 +319,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     raise ValueError(f"cannot save step {step}: the manager of {mngr.directory} is read-only")
   bad, sums = _inspect(state)
   if bad:
-    shown = _list(bad, 5)
     raise NonFiniteStateError(f"refusing to save step {step} to {mngr.directory}: non-finite "
-                              f"values in {shown}; nothing was written")
+                              f"values in {_list(bad, 5)}; nothing was written", bad)
   if data_state is not None:
     try:
       json.dumps(data_state)
@@ -299,7 +336,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
            META_ITEM: ocp.args.JsonSave({"checksums": sums, "config": config})}
   if data_state is not None:
     items[DATA_ITEM] = ocp.args.JsonSave(data_state)
-  saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  try:
+    saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_disk_full(mngr, step, e)
+    raise
   if saved:
     logging.info("Saving checkpoint step %d to %s.", step, mngr.directory)
   return bool(saved)

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import ml_collections
 
+from ddpm.errors import UserError
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(_HERE), "configs", "default.py")
 
@@ -32,7 +34,7 @@ CHOICES = {
 _FREE_FORM = ("variants",)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is unknown, of the wrong type, or impossible."""
 
 
@@ -126,6 +128,12 @@ def validate_config(config: ml_collections.ConfigDict,
   d, m, t, o, s, e = (config.data, config.model, config.training, config.optim,
                       config.sampling, config.eval)
   _require(d.dataset != "", "data.dataset", "must name a dataset (digits, folder or a TFDS name)")
+  from ddpm import input_pipeline  # pylint: disable=g-import-not-at-top  (grain: import late)
+  known = ("digits", "folder") + tuple(input_pipeline.TFDS_DATASETS)
+  _require(d.dataset.split(":")[0] in known, "data.dataset",
+           f"unknown dataset {d.dataset!r}; one of {', '.join(known)} (TFDS names may add "
+           "':<version>')")
+  _require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
   _require(d.dataset != "folder" or d.path, "data.path",
            "must name a folder of images when data.dataset='folder'")
   _require(d.image_size > 0, "data.image_size", f"must be positive, got {d.image_size}")

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from ddpm import checkpointing
 from ddpm import images
 from ddpm import sampling
+from ddpm.errors import UserError
 
 REFERENCE_CACHE_DIR = os.path.expanduser("~/.cache/ddpm_jax/reference_stats")
 GIF_BATCH = 16
@@ -66,7 +67,7 @@ def load_ema_params(config, workdir: str):
   mesh, model, diffusion, sampler, init_fn = train.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
+    raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
                             f"--workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),

@@ -532,3 +532,35 @@ def test_read_only_manager_falls_back_without_moving(tmp_path, states, caplog):
   _assert_bitwise_equal(state, states[1])
   assert _step_dir(tmp_path, 2) in caplog.text
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 512 KiB tmpfs (needs root and mount permission; skipped otherwise)."""
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+      capture_output=True).returncode != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_full_disk_names_failed_and_intact_steps(small_disk):
+  small = {"w": jax.random.normal(jax.random.key(0), (64, 64))}      # 16 KiB
+  large = {"w": jax.random.normal(jax.random.key(1), (512, 512))}    # 1 MiB: does not fit
+  ckpt_dir = small_disk / "checkpoints"
+  mngr = checkpointing.create_manager(ckpt_dir, async_save=True)
+  checkpointing.save(mngr, 1, small)
+  checkpointing.wait(mngr)
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    checkpointing.save(mngr, 2, large)
+    checkpointing.wait(mngr)
+  assert str(err.value) == (f"no space left on device while writing checkpoint 2 in {ckpt_dir}; "
+                            "checkpoints up to 1 are intact")
+  state, _, step = checkpointing.restore_latest(checkpointing.create_manager(ckpt_dir, read_only=True),
+                                                _abstract(small))
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], small["w"])

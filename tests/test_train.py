@@ -1,6 +1,7 @@
 """Training: optimizer pieces, device-count invariance, exact resume, NaN handling, outputs."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,13 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   last = checkpointing.latest_step(ckpt_dir)
   msg = str(err.value)
+  # The named step is the one metrics.jsonl would count that loss under: every logged row (all
+  # finite) comes before it.
+  bad = int(re.search(r"at step (\d+)", msg).group(1))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert all(np.isfinite(r["loss"]) and r["step"] < bad for r in rows)
+  assert last is None or last < bad
   if last is None:
     assert "none (no checkpoint was written yet)" in msg
   else:
