@@ -132,19 +132,19 @@ def main(argv):
 def _run():
   """Every check that needs no compile runs first (each failure is one line), then the mode."""
   import contextlib
-  import jax  # after flag parsing, so --helpfull stays fast
-  from ddpm import config_validation, distributed, locking, run_config
   from ddpm.errors import UserError
 
   config_file = config_flags.get_config_filename(FLAGS["config"])
   if not os.path.isfile(config_file.split(":")[0]):
     raise UserError(f"--config={config_file}: no such file")
   config = _CONFIG.value
+  _check_workdir(FLAGS.workdir, FLAGS.mode)
+  import jax  # after the checks above, so that they fail fast
+  from ddpm import config_validation, distributed, locking, run_config
   try:
     config_validation.validate_config(config)
   except config_validation.ConfigError as e:
     raise UserError(f"invalid config: {e}") from None
-  _check_workdir(FLAGS.workdir, FLAGS.mode)
   if FLAGS.mode in ("sample", "eval"):
     config = _recorded_config(config)
   try:
@@ -179,7 +179,6 @@ def _check_workdir(workdir: str, mode: str):
   checkpoints and write to its samples/ or eval/ folder.
   TODO(i20): replace by ddpm.workdir's check (epath, gs://) once it is on main.
   """
-  from ddpm import checkpointing
   from ddpm.errors import UserError
   if "://" in workdir:
     return  # object stores: checked when first written
@@ -187,7 +186,7 @@ def _check_workdir(workdir: str, mode: str):
     raise UserError(f"--workdir={workdir} is a file, not a directory")
   if mode in ("sample", "eval"):
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if checkpointing.latest_step(ckpt_dir) is None:
+    if not os.path.isdir(ckpt_dir) or _latest_step(ckpt_dir) is None:
       raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
                       f"--workdir={workdir}")
     out = os.path.join(workdir, "samples" if mode == "sample" else "eval")
@@ -201,6 +200,11 @@ def _check_workdir(workdir: str, mode: str):
     os.remove(probe)
   except OSError as e:
     raise UserError(f"--workdir={workdir}: cannot write to {out} ({e.strerror or e})") from None
+
+
+def _latest_step(ckpt_dir):
+  from ddpm import checkpointing  # Orbax: imported only when there is something to read
+  return checkpointing.latest_step(ckpt_dir)
 
 
 def _recorded_config(config):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configs import default
+from configs import default, tiny
 from ddpm import config_validation as cv
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -79,3 +79,15 @@ def test_sampling_steps_bounded_by_T():
   def mutate(c):
     c.sampling.num_steps = 5000
   _bad(mutate, r"config\.sampling\.num_steps")
+
+
+def test_unknown_dataset_and_negative_seed_are_named():
+  config = tiny.get_config()
+  config.data.dataset = "cifar100x"
+  with pytest.raises(cv.ConfigError,
+                     match=r"config.data.dataset: unknown dataset 'cifar100x'; one of digits"):
+    cv.validate_config(config)
+  config = tiny.get_config()
+  config.seed = -3
+  with pytest.raises(cv.ConfigError, match=r"config.seed: must be >= 0, got -3"):
+    cv.validate_config(config)

@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=120):
+def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
@@ -48,3 +48,78 @@ def test_wrong_type_override_is_named(tmp_path):
   assert out.returncode != 0
   assert "--config.model.ch=abc" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+# ---- One line per failure: checks that need no compile (each run imports JAX, ~seconds) ------
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _fails_with_one_line(out, *fragments):
+  assert out.returncode == 1, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr
+  assert lines[0].startswith("launch.py: ")
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A workdir as training leaves it (config.json, a checkpoint), made without compiling."""
+  import jax.numpy as jnp
+  from configs import tiny
+  from ddpm import checkpointing, run_config
+  workdir = tmp_path_factory.mktemp("trained")
+  run_config.write(tiny.get_config(), workdir)
+  mngr = checkpointing.create_manager(workdir / "checkpoints", async_save=False)
+  checkpointing.save(mngr, 4, {"step": jnp.int32(4)})
+  return workdir
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  _fails_with_one_line(_run("--config=configs/nope.py", f"--workdir={tmp_path / 'w'}"),
+                       "--config=configs/nope.py: no such file")
+  assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_is_a_file_or_not_writable(tmp_path):
+  (tmp_path / "file").write_text("x")
+  _fails_with_one_line(_run("--config=configs/tiny.py", f"--workdir={tmp_path / 'file'}"),
+                       "is a file, not a directory")
+  _fails_with_one_line(_run("--config=configs/tiny.py", f"--workdir={tmp_path / 'file' / 'w'}"),
+                       "cannot write to", "Not a directory")
+  assert (tmp_path / "file").read_text() == "x"
+
+
+def test_sample_without_checkpoint(tmp_path):
+  _fails_with_one_line(_run("--config=configs/tiny.py", f"--workdir={tmp_path}", "--mode=sample"),
+                       f"no checkpoint in {tmp_path / 'checkpoints'}")
+
+
+def test_second_training_on_a_workdir_names_the_holder(trained_workdir, lock_holder):
+  proc = lock_holder(trained_workdir)
+  out = _run("--config=configs/tiny.py", f"--workdir={trained_workdir}")
+  proc.kill()
+  _fails_with_one_line(out, f"workdir {trained_workdir} is in use", f"pid {proc.pid}")
+  assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4"]  # nothing touched
+
+
+def test_resume_with_changed_diffusion_is_refused(trained_workdir):
+  before = (trained_workdir / "config.json").read_text()
+  out = _run("--config=configs/tiny.py", f"--workdir={trained_workdir}",
+             "--config.diffusion.beta_schedule=cosine", "--config.training.num_train_steps=8")
+  _fails_with_one_line(out, "diffusion.beta_schedule: 'linear' -> 'cosine'",
+                       "--allow_config_change")
+  assert "num_train_steps" not in out.stderr
+  assert (trained_workdir / "config.json").read_text() == before
+
+
+def test_sample_refuses_override_conflicting_with_record(trained_workdir):
+  out = _run("--config=configs/tiny.py", f"--workdir={trained_workdir}", "--mode=sample",
+             "--config.diffusion.model_mean_type=v")
+  _fails_with_one_line(out, "diffusion.model_mean_type: 'eps' -> 'v'")
+  assert json.loads((trained_workdir / "config.json").read_text())["diffusion"][
+      "model_mean_type"] == "eps"

@@ -2,32 +2,14 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ddpm import locking
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from ddpm import locking\n"
-        "with locking.workdir_lock(sys.argv[1], lease=sys.argv[2] == 'lease', "
-        "ttl=float(sys.argv[3])):\n"
-        "  print('locked', flush=True); time.sleep(600)\n")
-
-
-def _holder(workdir, kind="flock", ttl=120.0):
-  """A separate process holding the lock of `workdir` (returns once it holds it)."""
-  proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT), str(workdir), kind,
-                           str(ttl)], stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.stdout.readline().strip() == "locked"
-  return proc
-
-
-def test_second_holder_is_refused_naming_the_first(tmp_path):
-  proc = _holder(tmp_path)
+def test_second_holder_is_refused_naming_the_first(tmp_path, lock_holder):
+  proc = lock_holder(tmp_path)
   try:
     with pytest.raises(locking.WorkdirLockedError) as err:
       with locking.workdir_lock(tmp_path):
@@ -41,8 +23,8 @@ def test_second_holder_is_refused_naming_the_first(tmp_path):
     proc.wait()
 
 
-def test_killed_holder_does_not_block(tmp_path):
-  proc = _holder(tmp_path)
+def test_killed_holder_does_not_block(tmp_path, lock_holder):
+  proc = lock_holder(tmp_path)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   with locking.workdir_lock(tmp_path):
@@ -52,9 +34,9 @@ def test_killed_holder_does_not_block(tmp_path):
     pass
 
 
-def test_lease_heartbeat_expiry_and_release(tmp_path):
-  ttl = 1.5
-  proc = _holder(tmp_path, "lease", ttl)
+def test_lease_heartbeat_expiry_and_release(tmp_path, lock_holder):
+  ttl = 0.6
+  proc = lock_holder(tmp_path, "lease", ttl)
   try:
     first = json.loads((tmp_path / "lock").read_text())
     time.sleep(ttl)  # longer than the renewal period ttl / 3
