@@ -1,7 +1,10 @@
 """Entry point: python launch.py --config=configs/digits.py --workdir=runs/digits [--mode=train].
 
 All logic lives in the `ddpm` library; this file parses flags, starts `jax.distributed` when the
-run spans several processes, validates the config and dispatches on --mode.
+run spans several processes and dispatches on --mode to a library function, which validates the
+config (`config_validation.validate_config`) before it builds anything:
+  train -> train.train_and_evaluate    sample -> evaluation.run_sampling
+  eval -> evaluation.run_eval          sweep -> sweep.run_sweep    benchmark -> benchmark.run_benchmark
 """
 import os
 import sys
@@ -141,10 +144,7 @@ def _run():
   _check_workdir(FLAGS.workdir, FLAGS.mode)
   import jax  # after the checks above, so that they fail fast
   from ddpm import config_validation, distributed, locking, run_config
-  try:
-    config_validation.validate_config(config)
-  except config_validation.ConfigError as e:
-    raise UserError(f"invalid config: {e}") from None
+  config_validation.validate_config(config)  # all but the device count (the mode checks it)
   if FLAGS.mode in ("sample", "eval"):
     config = _recorded_config(config)
   try:
@@ -165,11 +165,7 @@ def _run():
     if cpu_devices is not None and jax.devices()[0].platform == "cpu":
       logging.info("CPU: %d JAX device(s) per process (--cpu_devices=%s).", cpu_devices,
                    FLAGS.cpu_devices)
-    try:
-      config_validation.validate_config(config, num_devices=jax.device_count())
-    except config_validation.ConfigError as e:
-      raise UserError(f"invalid config: {e}") from None
-    _run_mode(config)
+    _run_mode(config)  # each mode validates the config for the device count first
 
 
 def _check_workdir(workdir: str, mode: str):

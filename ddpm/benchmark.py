@@ -1,6 +1,6 @@
 """`launch.py --mode=benchmark`: compile times, train-step and sampler speed, memory and MFU.
 
-`run_benchmark(config, workdir)` builds exactly what training builds (`train.setup`,
+`run_benchmark(config, workdir)` builds exactly what training builds (`experiment.setup`,
 `train.make_train_step`, `sampling.make_sampler_from_config`), feeds the train step one fixed
 synthetic batch (no dataset is read), and measures
   * compile_train_s / compile_sample_s: tracing + lowering + XLA compilation of the train step
@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm import config_validation
 from ddpm import distributed
+from ddpm import experiment
 from ddpm import sampling
 from ddpm import train
 
@@ -320,7 +321,7 @@ def benchmark_train(config, mesh, model, diffusion, sampler, init_fn) -> Dict[st
   # Timings do not depend on the parameter values; the non-partitionable threefry compiles
   # the initialiser's random draws ~3x faster on CPU (18 s -> 6 s for configs/tiny.py).
   with jax.threefry_partitionable(False):
-    state = init_fn(train.initial_rng(config))
+    state = init_fn(experiment.initial_rng(config))
   batch = synthetic_batch(config, mesh)
   train_step = train.make_train_step(config, model, diffusion, sampler, mesh)
 
@@ -419,9 +420,9 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
   config_validation.validate_config(config, num_devices=jax.device_count())
   _check_settings(config.benchmark)
   os.makedirs(workdir, exist_ok=True)
-  mesh, model, diffusion, sampler, init_fn = train.setup(config, workdir)
+  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   n_params = sum(x.size for x in jax.tree.leaves(
-      jax.eval_shape(init_fn, train.initial_rng(config)).params))
+      jax.eval_shape(init_fn, experiment.initial_rng(config)).params))
   device = jax.local_devices()[0]
   results: Dict[str, Any] = dict(
       jax_version=jax.__version__,

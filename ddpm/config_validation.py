@@ -1,54 +1,54 @@
 """Validation of experiment configs, run before anything is built or compiled.
 
-Every problem is reported as one `ConfigError` naming the offending key, e.g.
+The public functions that take a config (`train.train_and_evaluate`, `evaluation.run_sampling`,
+`evaluation.evaluate`, `sweep.run_sweep`, `benchmark.run_benchmark`) call `validate_config` first;
+`launch.py` only dispatches to them. Every problem is reported as one `ConfigError` naming the
+offending key, e.g.
   ConfigError: config.training.batchsize: unknown key (did you mean 'batch_size'?)
+Each list of choices is read from the module that implements the choices.
 """
 import difflib
-import importlib.util
-import os
 from typing import Any, Optional
 
 import ml_collections
 
-from ddpm.errors import UserError
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(_HERE), "configs", "default.py")
+from ddpm import default_config as default_config_lib
+from ddpm import diffusion as diffusion_lib
+from ddpm import errors
+from ddpm import experiment
+from ddpm import fid
+from ddpm import input_pipeline
+from ddpm import models
+from ddpm import sampling
+from ddpm import schedules
+from ddpm import timestep_sampler
 
 CHOICES = {
-    "diffusion.beta_schedule": ("linear", "cosine", "quadratic", "sigmoid", "geometric", "jsd"),
-    "diffusion.model_mean_type": ("eps", "x0", "v"),
-    "diffusion.model_var_type": ("fixed_large", "fixed_small", "learned", "learned_range"),
-    "diffusion.loss_type": ("mse", "l1", "huber", "kl", "hybrid"),
-    "diffusion.timestep_sampler": ("uniform", "loss_aware"),
-    "training.compute_dtype": ("float32", "bfloat16"),
-    "optim.optimizer": ("adam", "adamw"),
-    "optim.schedule": ("constant", "cosine"),
-    "sampling.method": ("ddpm", "ddim", "heun"),
-    "sampling.spacing": ("uniform", "quadratic"),
-    "eval.feature_extractor": ("inception", "none"),
-    "model.name": ("unet",),
-    "data.channels": (1, 3),
+    "diffusion.beta_schedule": schedules.SCHEDULE_NAMES,
+    "diffusion.model_mean_type": diffusion_lib.MEAN_TYPES,
+    "diffusion.model_var_type": diffusion_lib.VAR_TYPES,
+    "diffusion.loss_type": diffusion_lib.LOSS_TYPES,
+    "diffusion.timestep_sampler": timestep_sampler.SAMPLER_NAMES,
+    "training.compute_dtype": tuple(models.COMPUTE_DTYPES),
+    "optim.optimizer": experiment.OPTIMIZERS,
+    "optim.schedule": experiment.LR_SCHEDULES,
+    "sampling.method": sampling.METHODS,
+    "sampling.spacing": sampling.SPACINGS,
+    "eval.feature_extractor": fid.FEATURE_EXTRACTORS,
+    "model.name": models.MODEL_NAMES,
+    "data.channels": input_pipeline.CHANNELS,
 }
 # Keys a config may add on top of the defaults (free-form groups).
 _FREE_FORM = ("variants",)
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value is unknown, of the wrong type, or impossible."""
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The base config of configs/default.py (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("_ddpm_default_config", DEFAULT_CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def learns_sigma(config) -> bool:
-  """Whether the model outputs a variance too (twice the channels)."""
-  return config.diffusion.model_var_type in ("learned", "learned_range")
+  """The base config (ddpm/default_config.py, re-exported by configs/default.py)."""
+  return default_config_lib.get_config()
 
 
 def batch_sizes(config) -> tuple:
@@ -110,7 +110,7 @@ def _require(cond: bool, key: str, msg: str):
 
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
-  """Checks `config` against configs/default.py and for impossible combinations.
+  """Checks `config` against ddpm/default_config.py and for impossible combinations.
 
   Args:
     config: the experiment config.
@@ -128,7 +128,6 @@ def validate_config(config: ml_collections.ConfigDict,
   d, m, t, o, s, e = (config.data, config.model, config.training, config.optim,
                       config.sampling, config.eval)
   _require(d.dataset != "", "data.dataset", "must name a dataset (digits, folder or a TFDS name)")
-  from ddpm import input_pipeline  # pylint: disable=g-import-not-at-top  (grain: import late)
   known = ("digits", "folder") + tuple(input_pipeline.TFDS_DATASETS)
   _require(d.dataset.split(":")[0] in known, "data.dataset",
            f"unknown dataset {d.dataset!r}; one of {', '.join(known)} (TFDS names may add "
@@ -165,7 +164,8 @@ def validate_config(config: ml_collections.ConfigDict,
 
   df = config.diffusion
   _require(df.num_timesteps >= 2, "diffusion.num_timesteps", f"must be >= 2, got {df.num_timesteps}")
-  _require(df.loss_type != "hybrid" or learns_sigma(config), "diffusion.loss_type",
+  learned_var = df.model_var_type in diffusion_lib.LEARNED_VAR_TYPES
+  _require(df.loss_type != "hybrid" or learned_var, "diffusion.loss_type",
            "'hybrid' trains the variance through L_vlb: it needs model_var_type 'learned' or "
            f"'learned_range', got {df.model_var_type!r}")
   _require(df.min_snr_gamma >= 0, "diffusion.min_snr_gamma", f"must be >= 0, got {df.min_snr_gamma}")

@@ -28,7 +28,7 @@ from ddpm import schedules
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
 LOSS_TYPES = ("mse", "l1", "huber", "kl", "hybrid")
-_LEARNED_VAR_TYPES = ("learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs a variance too
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -124,7 +124,7 @@ class GaussianDiffusion:
     _check_choice(model_mean_type, MEAN_TYPES, "model_mean_type")
     _check_choice(model_var_type, VAR_TYPES, "model_var_type")
     _check_choice(loss_type, LOSS_TYPES, "loss_type")
-    if loss_type == "hybrid" and model_var_type not in _LEARNED_VAR_TYPES:
+    if loss_type == "hybrid" and model_var_type not in LEARNED_VAR_TYPES:
       raise ValueError("loss_type 'hybrid' trains the variance through L_vlb: it needs "
                        f"model_var_type 'learned' or 'learned_range', got {model_var_type!r}")
     hybrid_lambda = float(hybrid_lambda)
@@ -138,7 +138,7 @@ class GaussianDiffusion:
                        "loss_type 'kl' has none (use mse, l1, huber or hybrid)")
     num_timesteps = int(betas64.shape[0])
     if (model_mean_type == "eps" and _x0_unrecoverable(betas64)
-        and (loss_type == "kl" or model_var_type in _LEARNED_VAR_TYPES)):
+        and (loss_type == "kl" or model_var_type in LEARNED_VAR_TYPES)):
       raise ValueError(_x0_unrecoverable_message(betas64, f"loss_type {loss_type!r} with "
                                                  f"model_var_type {model_var_type!r}"))
     if timestep_map is None:
@@ -202,7 +202,7 @@ class GaussianDiffusion:
   @property
   def learns_sigma(self) -> bool:
     """Whether the network outputs a variance too (twice the image channels)."""
-    return self.model_var_type in _LEARNED_VAR_TYPES
+    return self.model_var_type in LEARNED_VAR_TYPES
 
   # ---- helpers ----------------------------------------------------------------------------
 

@@ -25,7 +25,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
+from ddpm import config_validation
+from ddpm import experiment
 from ddpm import images
+from ddpm import models
 from ddpm import sampling
 from ddpm.errors import UserError
 
@@ -63,15 +66,14 @@ def _sample_rng(config, step: int, purpose: int):
 
 def load_ema_params(config, workdir: str):
   """(EMA params replicated over all devices, step) of the newest complete checkpoint."""
-  from ddpm import train
-  mesh, model, diffusion, sampler, init_fn = train.setup(config)
+  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
     raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
-                            f"--workdir={workdir}")
+                    f"--workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(init_fn, train.initial_rng(config)))
+                          jax.eval_shape(init_fn, experiment.initial_rng(config)))
   mngr = checkpointing.create_manager(ckpt_dir, read_only=True)
   restored = checkpointing.restore_latest(mngr, abstract)
   state, _, step = restored
@@ -106,6 +108,7 @@ def _sampling_batch(config, batch_size: int) -> int:
 
 def run_sampling(config, workdir: str) -> Dict[str, str]:
   """--mode=sample: samples, grid and denoising GIF from the newest checkpoint's EMA params."""
+  config_validation.validate_config(config, num_devices=jax.device_count())
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   num = config.sampling.num_samples
   batch = _sampling_batch(config, min(config.sampling.batch_size, max(num, 1)))
@@ -166,8 +169,13 @@ def make_training_sample_hook(config, workdir: str, model, diffusion, mesh):
 # ---------------------------------------------------------------------------------------------
 # Bits per dimension
 # ---------------------------------------------------------------------------------------------
-def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False):
-  """Jitted fn(params, x [B, H, W, C] in [-1, 1] sharded on 'data', rng) -> dict of [B] / [B, T]."""
+def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False,
+                compiler_options: Optional[dict] = None):
+  """Jitted fn(params, x [B, H, W, C] in [-1, 1] sharded on 'data', rng) -> dict of [B] / [B, T].
+
+  compiler_options: XLA options for the compilation, e.g. `ddpm.models.compiler_options(mesh,
+  config)`.
+  """
 
   def local(params, x, key):
     key = jax.random.fold_in(key, jax.lax.axis_index("data"))
@@ -176,7 +184,8 @@ def make_bpd_fn(diffusion, model, mesh, clip_denoised: bool = False):
     return {k: out[k] for k in ("total_bpd", "prior_bpd", "vb", "mse")}
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()),
-                               out_specs=P("data"), check_vma=False))
+                               out_specs=P("data"), check_vma=False),
+                 compiler_options=compiler_options)
 
 
 def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray, rng
@@ -186,7 +195,8 @@ def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray,
     raise NotImplementedError("bits/dim of class-conditional models is not implemented")
   batch = config.eval.batch_size
   local_batch = batch // jax.process_count()
-  fn = make_bpd_fn(diffusion, model, mesh)
+  fn = make_bpd_fn(diffusion, model, mesh,
+                   compiler_options=models.compiler_options(mesh, config))
   n = test_images.shape[0]
   totals, priors, count = [], [], 0
   for i in range(0, n, local_batch):
@@ -267,6 +277,7 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
 
   Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
   """
+  config_validation.validate_config(config, num_devices=jax.device_count())
   from ddpm import fid, input_pipeline
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   dataset = input_pipeline.create_datasets(config, seed=config.seed)

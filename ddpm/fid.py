@@ -131,6 +131,9 @@ def classifier_feature_fn(module: nn.Module, variables: Any, *,
   return batched_feature_fn(apply_fn, variables, batch_size=batch_size, devices=devices)
 
 
+FEATURE_EXTRACTORS = ("inception", "none")  # config.eval.feature_extractor
+
+
 def feature_fn_from_config(config, batch_size: Optional[int] = None
                            ) -> Optional[FeatureExtractor]:
   """The extractor named by config.eval.feature_extractor ('inception' or 'none' -> None).
@@ -141,8 +144,9 @@ def feature_fn_from_config(config, batch_size: Optional[int] = None
   name = config.eval.feature_extractor
   if name == "none":
     return None
-  if name != "inception":
-    raise ValueError(f"config.eval.feature_extractor={name!r} is not one of 'inception', 'none'")
+  if name not in FEATURE_EXTRACTORS:
+    raise ValueError(f"config.eval.feature_extractor={name!r} is not one of "
+                     f"{', '.join(map(repr, FEATURE_EXTRACTORS))}")
   variables = inception.load_params(inception.get_weights_path(config.eval.inception_weights))
   if batch_size is None:  # eval.batch_size is global; each process extracts its own share
     batch_size = max(1, config.eval.batch_size // jax.process_count())

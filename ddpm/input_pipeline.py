@@ -35,16 +35,13 @@ Datasets (`config.data.dataset`):
 
 Other keys: data.num_workers > 0 decodes in that many grain worker processes (the main module
 then needs an `if __name__ == "__main__":` guard, as with any spawned multiprocessing);
-data.prefetch is the `size` to pass to `prefetch_to_mesh`. There is no shuffle-buffer size:
+data.prefetch is the `size` to pass to `prefetch.prefetch_to_mesh` (ddpm/prefetch.py). There is no shuffle-buffer size:
 grain shuffles globally by index (an exact uniform permutation per epoch), which a shuffle
 buffer only approximates.
 """
 import concurrent.futures
-import copy
 import dataclasses
 import os
-import queue
-import threading
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import grain
@@ -53,6 +50,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image, ImageOps
 
+CHANNELS = (1, 3)  # config.data.channels: greyscale or RGB
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Preprocessed folder images are kept in memory when they take at most this many bytes;
 # larger folders are decoded again on every read (after one validating pass at start-up).
@@ -524,24 +522,14 @@ def _read_images(source, indices: Sequence[int], info) -> np.ndarray:
   return out
 
 
-def _check_batch_size(batch_size: int, process_count: int, device_count: int):
-  if batch_size <= 0:
-    raise ValueError(f"training.batch_size={batch_size} must be positive")
-  if batch_size % process_count:
-    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
-                     f"{process_count} processes; use a multiple of {process_count}")
-  if batch_size % device_count:
-    raise ValueError(f"training.batch_size={batch_size} is not divisible by the "
-                     f"{device_count} devices; use a multiple of {device_count}")
-
-
 def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
                     process_count: Optional[int] = None) -> Datasets:
   """Builds the training iterator, eval images and info for `config.data`.
 
   Args:
-    config: the experiment config (uses config.data.* and config.training.batch_size, the
-      global batch size).
+    config: the experiment config, validated (`config_validation.validate_config`: channels,
+      image size and the batch size's divisibility by the devices are checked there); uses
+      config.data.* and config.training.batch_size, the global batch size.
     seed: seed of the shuffling and flips (>= 0).
     process_index, process_count: default to jax.process_index() / jax.process_count(); pass
       them to simulate several hosts.
@@ -549,7 +537,7 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
     a `Datasets` with `train_iter`, `eval_images(num)`, `reference_images(num)` and `info`
     (num_train, num_test, num_classes, image_size, channels, dataset).
   Raises:
-    ValueError: naming the bad config key (batch size, channels, image size, dataset, ...).
+    ValueError: naming the bad config key (dataset, num_classes, path, ...).
     FileNotFoundError: for a missing image folder or an unprepared TFDS dataset.
   """
   data = config.data
@@ -557,11 +545,9 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-  _check_batch_size(config.training.batch_size, process_count, jax.device_count())
-  if data.channels not in (1, 3):
-    raise ValueError(f"data.channels={data.channels!r} must be 1 (greyscale) or 3 (RGB)")
-  if data.image_size <= 0:
-    raise ValueError(f"data.image_size={data.image_size!r} must be positive")
+  if config.training.batch_size % process_count:  # process_count may be simulated (tests)
+    raise ValueError(f"training.batch_size={config.training.batch_size} is not divisible by "
+                     f"the {process_count} processes; use a multiple of {process_count}")
   if seed < 0:
     raise ValueError(f"seed={seed} must be >= 0")
   if data.num_workers < 0:
@@ -604,151 +590,3 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
                process_count, train_iter.local_batch_size, config.training.batch_size)
   return Datasets(train_iter, train, test, info, process_index, process_count)
 
-
-# ---------------------------------------------------------------------------------------------
-# Prefetching onto the device mesh.
-# ---------------------------------------------------------------------------------------------
-
-class _Raised:
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-def _stacked_layout(sharding, stack: int) -> bool:
-  """Whether batches are [k, B, ...] (True) or [B, ...] (False) for this sharding and stack.
-
-  stack > 1 always stacks. With stack=1 the sharding decides: one that partitions axis 1
-  (e.g. P(None, 'data')) asks for the stacked layout [1, B, ...] (a training step that scans
-  over k steps also for k = 1); one that partitions axis 0 (P('data')) gets [B, ...]. Any other
-  partitioning would split an image axis and is an error.
-  """
-  if not isinstance(sharding, jax.sharding.Sharding):
-    raise TypeError(f"sharding must be a jax.sharding.Sharding, got {sharding!r}")
-  spec = getattr(sharding, "spec", None)
-  split = [] if spec is None else [i for i, axes in enumerate(spec) if axes is not None]
-  stacked = stack > 1 or split == [1]
-  if split and split != [1 if stacked else 0]:
-    layout, want = ("[k, B, ...]", "P(None, 'data')") if stacked else ("[B, ...]", "P('data')")
-    raise ValueError(f"prefetch_to_mesh(stack={stack}) yields {layout} batches, but the "
-                     f"sharding {spec} partitions axes {split}; partition only the batch "
-                     f"axis, e.g. {want}")
-  return stacked
-
-
-def _produce(it, sharding, stack: int, stacked: bool, out: queue.Queue,
-             slots: threading.Semaphore, stop: threading.Event):
-  """Background thread of DevicePrefetchIterator: puts (global arrays, state after them)."""
-  try:
-    while True:
-      while not slots.acquire(timeout=0.05):
-        if stop.is_set():
-          return
-      if stop.is_set():
-        return
-      batches = [next(it) for _ in range(stack)]
-      local = jax.tree.map(lambda *xs: np.stack(xs), *batches) if stacked else batches[0]
-      state = copy.deepcopy(it.get_state())
-      # Transfer here, in the background, so host-to-device copies overlap the step.
-      out.put((jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(sharding, x), local), state))
-  except BaseException as e:  # pylint: disable=broad-except
-    out.put((_Raised(e), None))  # StopIteration of a finite iterator included
-
-
-class DevicePrefetchIterator:
-  """Yields global jax.Arrays of (stacked) batches, `size` of them built ahead in a thread.
-
-  get_state()/set_state() refer to the batches the consumer has taken, not those prefetched.
-  """
-
-  def __init__(self, it, sharding, size: int = 2, stack: int = 1):
-    if size < 1:
-      raise ValueError(f"prefetch size={size} must be >= 1 (data.prefetch)")
-    if stack < 1:
-      raise ValueError(f"stack={stack} must be >= 1 (training.steps_per_dispatch)")
-    self._stacked = _stacked_layout(sharding, stack)
-    self._it, self._sharding, self._size, self._stack = it, sharding, size, stack
-    self._state = copy.deepcopy(it.get_state())
-    self._thread = None
-    self._start()
-
-  def _start(self):
-    self._queue = queue.Queue()
-    # One slot per batch built ahead of the consumer: at most `size` exist at any time.
-    self._slots = threading.Semaphore(self._size)
-    self._stop = threading.Event()
-    # The thread gets what it needs, not `self`, so a dropped iterator is garbage collected
-    # (and __del__ stops the thread).
-    self._thread = threading.Thread(
-        target=_produce, name="prefetch_to_mesh", daemon=True,
-        args=(self._it, self._sharding, self._stack, self._stacked, self._queue, self._slots,
-              self._stop))
-    self._thread.start()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._thread is None:
-      raise RuntimeError("prefetch_to_mesh iterator was closed")
-    item, state = self._queue.get()
-    if isinstance(item, _Raised):
-      self._queue.put((item, None))  # keep raising on later calls too
-      if isinstance(item.error, StopIteration):
-        raise StopIteration
-      raise item.error
-    self._slots.release()
-    self._state = state
-    return item
-
-  def get_state(self):
-    return copy.deepcopy(self._state)
-
-  def set_state(self, state):
-    self.close()
-    self._it.set_state(copy.deepcopy(state))
-    self._state = copy.deepcopy(state)
-    self._start()
-
-  def close(self):
-    """Stops the background thread and rewinds `it` to just after the batches consumed.
-
-    Batches prefetched but not taken are dropped, so `it` can be read on (or wrapped again)
-    without skipping any.
-    """
-    if self._thread is None:
-      return
-    self._stop.set()
-    self._thread.join()
-    self._thread = None
-    self._it.set_state(copy.deepcopy(self._state))
-
-  def __del__(self):
-    if getattr(self, "_thread", None) is not None:
-      self._stop.set()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-
-def prefetch_to_mesh(it, sharding, size: int = 2, stack: int = 1) -> DevicePrefetchIterator:
-  """Wraps a training iterator: global jax.Arrays on `sharding`, prefetched in a thread.
-
-  Args:
-    it: an iterator of dicts of np arrays [B_local, ...] with get_state()/set_state()
-      (e.g. `create_datasets(...).train_iter`).
-    sharding: the sharding of every array of a (stacked) batch: NamedSharding(mesh, P('data'))
-      for [B, ...] batches, NamedSharding(mesh, P(None, 'data')) for stacked [k, B, ...]
-      ones. Each process passes its local part; the global batch axis is the concatenation
-      over processes (jax.make_array_from_process_local_data).
-    size: batches built ahead of the consumer (data.prefetch).
-    stack: k > 1 stacks k consecutive batches into [k, B, ...] (k optimizer steps per
-      compiled call). With stack=1 the sharding picks the layout: P('data') gives [B, ...],
-      P(None, 'data') gives [1, B, ...] (so a step that scans over k works for k = 1 too).
-  Returns:
-    an iterator with get_state()/set_state() referring to the batches taken by the consumer.
-  """
-  return DevicePrefetchIterator(it, sharding, size=size, stack=stack)

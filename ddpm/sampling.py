@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm import diffusion as diffusion_lib
-from ddpm.models import unet
+from ddpm import models
 
 METHODS = ("ddpm", "ddim", "heun")
 SPACINGS = ("uniform", "quadratic")
@@ -410,7 +410,7 @@ def make_sampler(diffusion, apply_fn: Callable, shape: Sequence[int], *, method:
       Single process: inputs are placed on the mesh here. Several processes: pass params
       replicated and y as a global array (`jax.make_array_from_process_local_data`).
     compiler_options: XLA options for the compilation (`jax.jit(compiler_options=...)`), e.g.
-      `ddpm.models.unet.xla_compiler_options(platform)`.
+      `ddpm.models.compiler_options(mesh, config)`.
     Other arguments: as for `sample`.
   The returned fn jits once per (params structure, y given or not, noise given or not). It
   carries `.timesteps` (the kept timesteps, increasing) and `.num_function_evals` (model calls
@@ -489,10 +489,9 @@ def make_sampler_from_config(config, diffusion, apply_fn: Callable,
   """`make_sampler` with the settings of config.sampling (batch: config.sampling.batch_size).
 
   The null label of classifier-free guidance is config.data.num_classes (the extra class the
-  model learns with model.class_dropout > 0). Compiles with the U-Net's XLA options for the
-  platform of `mesh` (default: the default backend), see `unet.xla_compiler_options`.
+  model learns with model.class_dropout > 0). Compiles with the model's XLA options for `mesh`
+  (default: the default backend), see `ddpm.models.compiler_options`.
   """
-  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
   s = config.sampling
   size, channels = config.data.image_size, config.data.channels
   batch = s.batch_size if batch_size is None else batch_size
@@ -503,4 +502,4 @@ def make_sampler_from_config(config, diffusion, apply_fn: Callable,
       intermediate_every=s.intermediate_every if intermediate_every is None
       else intermediate_every,
       null_label=config.data.num_classes if s.guidance_scale > 0 else None, mesh=mesh,
-      compiler_options=unet.xla_compiler_options(platform))
+      compiler_options=models.compiler_options(mesh, config))

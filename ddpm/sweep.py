@@ -25,7 +25,9 @@ import numpy as np
 from absl import logging
 
 from ddpm import config_validation
+from ddpm import evaluation
 from ddpm import locking
+from ddpm import train
 
 COLUMNS = ("variant", "final_loss", "bpd", "fid", "images_per_s", "train_wall_s", "steps")
 
@@ -63,7 +65,6 @@ def run_variant(config, workdir: str, allow_config_change: bool = False) -> Opti
   Returns the result, or None when training stopped early on a preemption signal (SIGTERM /
   SIGINT): the checkpoint is saved, nothing is evaluated, and rerunning resumes the variant.
   """
-  from ddpm import evaluation, train
   start = time.perf_counter()
   state = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
   wall = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Training: the train state, the optimizer, the data-parallel train step and the training loop.
+"""Training: the data-parallel train step and the loop (state and optimizer: experiment.py).
 
 One training step (all inside one jitted `shard_map` over the mesh axis 'data'):
   batch (uint8 -> [-1, 1] upstream) -> t from the timestep sampler -> noise -> q_sample -> U-Net
@@ -9,13 +9,11 @@ Randomness is drawn per example from `fold_in(step_key, global_example_index)`, 
 batch gives the same trajectory on 1 device or on many (dropout masks excepted: they are drawn per
 device), and every device gets distinct noise.
 """
-import functools
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Dict
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,13 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm import checkpointing
 from ddpm import config_validation
-from ddpm import diffusion as diffusion_lib
-from ddpm import distributed
+from ddpm import evaluation
+from ddpm import experiment
 from ddpm import input_pipeline
 from ddpm import locking
 from ddpm import models
+from ddpm import prefetch
 from ddpm import run_config
-from ddpm import timestep_sampler as timestep_sampler_lib
 from ddpm.errors import UserError
 
 NUM_QUARTILES = 4
@@ -42,70 +40,6 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array            # int32 []: optimizer steps taken
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  rng: jax.Array             # uint32 [2]: raw PRNG key data (checkpointable as a plain array)
-  sampler_state: Any         # timestep-sampler state (loss history for 'loss_aware')
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up to `optim.lr` over `optim.warmup` steps (DDPM), then constant or cosine to 0."""
-  o, total = config.optim, config.training.num_train_steps
-  warmup = optax.linear_schedule(0.0, o.lr, max(o.warmup, 1)) if o.warmup > 0 else (
-      optax.constant_schedule(o.lr))
-  if o.schedule == "constant":
-    after = optax.constant_schedule(o.lr)
-  else:
-    after = optax.cosine_decay_schedule(o.lr, max(total - o.warmup, 1))
-  return optax.join_schedules([warmup, after], [o.warmup])
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam/AdamW with warm-up, optional global-norm clipping and gradient accumulation."""
-  o = config.optim
-  lr = learning_rate_schedule(config)
-  if o.optimizer == "adam":
-    opt = optax.adam(lr, b1=o.beta1, b2=o.beta2, eps=o.eps)
-  else:
-    opt = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
-  if o.grad_clip > 0:
-    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
-  if o.grad_accum_steps > 1:
-    opt = optax.MultiSteps(opt, every_k_schedule=o.grad_accum_steps)
-  return opt
-
-
-def ema_decay_at(config, step):
-  """EMA decay at `step`; with `training.ema_warmup`, min(decay, (1 + n) / (10 + n))."""
-  decay = config.training.ema_decay
-  if config.training.ema_warmup:
-    n = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-  return jnp.asarray(decay, jnp.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# State
-# ---------------------------------------------------------------------------------------------
-def create_train_state(config, model, sampler, rng) -> TrainState:
-  """Initial train state. rng: uint32 [2] raw key data. Pure: jit it with replicated outputs."""
-  key = jax.random.wrap_key_data(rng)
-  init_key, dropout_key, state_key = jax.random.split(key, 3)
-  size, channels = config.data.image_size, config.data.channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init({"params": init_key, "dropout": dropout_key}, x, t)["params"]
-  opt_state = make_optimizer(config).init(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=opt_state,
-                    rng=jax.random.key_data(state_key), sampler_state=sampler.init_state())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +89,11 @@ def make_train_step(config, model, diffusion, sampler, mesh):
   sharded over the mesh axis 'data' on axis 1; k = training.steps_per_dispatch.
   metrics: dict of [k] arrays (one entry per optimizer step), identical on every device.
   """
-  optimizer = make_optimizer(config)
-  lr_schedule = learning_rate_schedule(config)
+  optimizer = experiment.make_optimizer(config)
+  lr_schedule = experiment.learning_rate_schedule(config)
   T = diffusion.num_timesteps
 
-  def one_step(state: TrainState, batch):
+  def one_step(state: experiment.TrainState, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
     (loss, (terms, t)), grads = grad_fn(state.params, state, batch, config, model, diffusion,
@@ -169,7 +103,7 @@ def make_train_step(config, model, diffusion, sampler, mesh):
     loss = jax.lax.pmean(loss, "data")
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(config, state.step)
+    decay = experiment.ema_decay_at(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
     per_example = jax.lax.stop_gradient(terms["loss"])
@@ -198,10 +132,8 @@ def make_train_step(config, model, diffusion, sampler, mesh):
 
   sharded = jax.shard_map(multi_step, mesh=mesh, in_specs=(P(), P(None, "data")),
                           out_specs=(P(), P()), check_vma=False)
-  # XLA:CPU runs the U-Net fastest with only reductions on YNNPACK (see unet.xla_compiler_options).
-  platform = mesh.devices.flat[0].platform
   return jax.jit(sharded, donate_argnums=(0,),
-                 compiler_options=models.unet.xla_compiler_options(platform))
+                 compiler_options=models.compiler_options(mesh, config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,26 +211,9 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def setup(config, workdir: Optional[str] = None):
-  """Builds what training, sampling and evaluation share: mesh, model, diffusion, sampler, init."""
-  mesh = distributed.make_data_mesh()
-  model = models.build_model(config)
-  diffusion = diffusion_lib.from_config(config)
-  sampler = timestep_sampler_lib.create(config.diffusion.timestep_sampler,
-                                        config.diffusion.num_timesteps)
-  replicated = NamedSharding(mesh, P())
-  init_fn = jax.jit(functools.partial(create_train_state, config, model, sampler),
-                    out_shardings=replicated)
-  return mesh, model, diffusion, sampler, init_fn
-
-
-def initial_rng(config) -> jax.Array:
-  return jax.random.key_data(jax.random.key(config.seed))
-
-
 def restore_or_init(config, workdir: str, init_fn, mngr):
   """Newest complete checkpoint of workdir (state, data_state, step), else a fresh state."""
-  state = init_fn(initial_rng(config))
+  state = init_fn(experiment.initial_rng(config))
   restored = checkpointing.restore_latest(mngr, state)
   if restored is None:
     logging.info("No checkpoint in %s: starting from scratch.", mngr.directory)
@@ -308,7 +223,8 @@ def restore_or_init(config, workdir: str, init_fn, mngr):
   return state, data_state, int(step)
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> TrainState:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> experiment.TrainState:
   """Trains `config` in `workdir`, resuming from its newest complete checkpoint.
 
   Holds the workdir's lock (`ddpm.locking`) throughout: a second training of the same workdir
@@ -323,13 +239,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     return _train(config, workdir)
 
 
-def _train(config, workdir: str) -> TrainState:
+def _train(config, workdir: str) -> experiment.TrainState:
   t_cfg = config.training
   k = t_cfg.steps_per_dispatch
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mesh, model, diffusion, sampler, init_fn = setup(config, workdir)
-  n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init_fn, initial_rng(config)).params))
+  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
+  abstract_state = jax.eval_shape(init_fn, experiment.initial_rng(config))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model: %s parameters; diffusion T=%d %s/%s/%s/%s.", f"{n_params:,}",
                diffusion.num_timesteps, config.diffusion.beta_schedule,
                config.diffusion.model_mean_type, config.diffusion.model_var_type,
@@ -350,11 +267,11 @@ def _train(config, workdir: str) -> TrainState:
   ds = input_pipeline.create_datasets(config, seed=config.seed)
   if data_state is not None:
     ds.train_iter.set_state(data_state)
-  batches = input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
-                                            size=config.data.prefetch, stack=k)
+  batches = prefetch.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
+                                      size=config.data.prefetch, stack=k)
   train_step = make_train_step(config, model, diffusion, sampler, mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
-  sample_hook = _make_sample_hook(config, workdir, model, diffusion, mesh) if (
+  sample_hook = evaluation.make_training_sample_hook(config, workdir, model, diffusion, mesh) if (
       t_cfg.sample_every > 0) else None
 
   last_good = step if step > 0 else None
@@ -434,8 +351,3 @@ def _train(config, workdir: str) -> TrainState:
       batches.close()
   return state
 
-
-def _make_sample_hook(config, workdir, model, diffusion, mesh):
-  """EMA sample grids during training, written by process 0 to workdir/samples/."""
-  from ddpm import evaluation
-  return evaluation.make_training_sample_hook(config, workdir, model, diffusion, mesh)

@@ -1,5 +1,4 @@
-"""Tests of ddpm/benchmark.py (launch.py --mode=benchmark) and of the U-Net's loop-safe conv
-gradient (ddpm/models/unet.py), the CPU performance fix the benchmark found."""
+"""Tests of ddpm/benchmark.py (launch.py --mode=benchmark)."""
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from ddpm import benchmark
 from ddpm import distributed
-from ddpm.models import unet
+from ddpm.models import cpu_ops
 
 REQUIRED_KEYS = ("train_step_s", "train_images_per_s", "train_flops_per_step", "mfu",
                  "sample_step_s", "compile_train_s", "compile_sample_s", "peak_host_mem_mb")
@@ -125,14 +124,15 @@ def test_model_flops_closed_forms():
   w = jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.float32)
   conv = 2 * 2 * 8 * 8 * 5 * 3 * 9
   assert benchmark.model_flops(jax.make_jaxpr(_conv)(x, w)) == conv
-  # Gradient of the U-Net's conv: forward + input gradient + kernel gradient, 3 x the forward.
-  loss = lambda x, w: jnp.sum(unet.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                         dimension_numbers=DIMS))
+  # Gradient of the U-Net's conv (the CPU kernel's form, ddpm/models/cpu_ops.py): forward +
+  # input gradient + kernel gradient, 3 x the forward.
+  loss = lambda x, w: jnp.sum(cpu_ops.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                            dimension_numbers=DIMS))
   assert benchmark.model_flops(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)) == 3 * conv
   # Stride 2: the input gradient is a transposed convolution; the multiplications by the zeros
   # its dilation inserts are not counted, so the gradient is again 3 x the forward.
-  loss2 = lambda x, w: jnp.sum(unet.conv_general_dilated(x, w, (2, 2), "SAME",
-                                                          dimension_numbers=DIMS))
+  loss2 = lambda x, w: jnp.sum(cpu_ops.conv_general_dilated(x, w, (2, 2), "SAME",
+                                                             dimension_numbers=DIMS))
   conv2 = 2 * 2 * 4 * 4 * 5 * 3 * 9
   assert benchmark.model_flops(jax.make_jaxpr(lambda x, w: _conv(x, w, 2))(x, w)) == conv2
   assert benchmark.model_flops(jax.make_jaxpr(jax.grad(loss2, (0, 1)))(x, w)) == 3 * conv2
@@ -145,138 +145,6 @@ def test_model_flops_closed_forms():
   sharded = jax.shard_map(jnp.matmul, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
   a8 = jax.ShapeDtypeStruct((8 * 4, 6), jnp.float32)
   assert benchmark.model_flops(jax.make_jaxpr(sharded)(a8, b)) == 2 * 32 * 6 * 7
-
-
-# ---- the U-Net's loop-safe convolution gradient -------------------------------------------------
-
-@pytest.mark.parametrize("shape,kernel,stride", [
-    ((2, 8, 8, 3), 3, 1), ((2, 8, 8, 4), 3, 2), ((1, 7, 9, 2), 3, 2), ((2, 6, 6, 3), 1, 1),
-    ((1, 5, 5, 2), 3, 1)])
-def test_conv_gradient_equals_lax_gradient_also_inside_scan(shape, kernel, stride):
-  """Values and both gradients equal those of lax.conv_general_dilated (JAX's own transpose
-  rules as the reference), computed inside lax.scan, where the CPU-specific path matters."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 5)), jnp.float32)
-  ours = lambda x, w: unet.conv_general_dilated(x, w, (stride, stride), "SAME",
-                                                dimension_numbers=DIMS)
-  ref = lambda x, w: _conv(x, w, stride)
-  y_ref, vjp_ref = jax.vjp(ref, x, w)
-  g = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
-
-  @jax.jit
-  def in_scan(x, w, g):
-    def body(carry, _):
-      y, vjp = jax.vjp(ours, x, w)
-      return carry, (y,) + vjp(g)
-    return jax.lax.scan(body, 0, None, length=1)[1]
-
-  outs = [a[0] for a in in_scan(x, w, g)]
-  for got, want in zip(outs, (y_ref,) + vjp_ref(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_conv_rejects_unsupported_arguments():
-  x = jnp.ones((1, 4, 4, 2))
-  w = jnp.ones((3, 3, 2, 2))
-  with pytest.raises(ValueError, match="rhs_dilation"):
-    unet.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMS)
-  with pytest.raises(ValueError, match="NHWC"):
-    unet.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-
-
-@pytest.mark.parametrize("shape,dtype", [((5, 6), jnp.float32), ((2, 3, 4, 6), jnp.float32),
-                                         ((2, 3, 4, 6), jnp.bfloat16)])
-def test_dense_gradient_equals_lax_gradient_also_inside_scan(shape, dtype):
-  """unet.dense_dot_general (nn.Dense's product with the CPU weight-gradient barrier): value and
-  both gradients equal those of lax.dot_general, also inside lax.scan and in bfloat16."""
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal(shape), dtype)
-  w = jnp.asarray(rng.standard_normal((shape[-1], 7)), dtype)
-  dims = (((x.ndim - 1,), (0,)), ((), ()))
-  y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.dot_general(x, w, dims), x, w)
-  g = jnp.asarray(rng.standard_normal(y_ref.shape), dtype)
-
-  @jax.jit
-  def in_scan(x, w, g):
-    def body(carry, _):
-      y, vjp = jax.vjp(lambda x, w: unet.dense_dot_general(x, w, dims), x, w)
-      return carry, (y,) + vjp(g)
-    return jax.lax.scan(body, 0, None, length=1)[1]
-
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  for got, want in zip([a[0] for a in in_scan(x, w, g)], (y_ref,) + vjp_ref(g)):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=tol, atol=tol)
-
-
-def test_dense_rejects_unsupported_arguments():
-  x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
-  with pytest.raises(ValueError, match="precision"):
-    unet.dense_dot_general(x, w, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
-  with pytest.raises(ValueError, match=r"\(3, 2\)"):
-    unet.dense_dot_general(jnp.ones((3, 2)), w, (((0,), (0,)), ((), ())))
-
-
-def test_xla_compiler_options_compile_and_keep_values():
-  """The U-Net's XLA:CPU options are accepted by this jaxlib, keep convolutions off YNNPACK
-  (Eigen runs them on all cores) and change no values."""
-  assert unet.xla_compiler_options("gpu") == {} and unet.xla_compiler_options("tpu") == {}
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
-  plain = jax.jit(_conv).lower(x, w).compile()
-  tuned = jax.jit(_conv, compiler_options=unet.xla_compiler_options("cpu")).lower(x, w).compile()
-  assert "ynn_fusion" not in tuned.as_text()
-  np.testing.assert_allclose(tuned(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape,groups", [((2, 4, 4, 16), 8), ((1, 3, 5, 6), 3), ((2, 2, 2, 4), 1)])
-def test_group_norm_matches_float64_numpy_and_flax_params(shape, groups):
-  """unet.GroupNorm (the fast formulation) against the definition in float64 numpy, with
-  flax.linen.GroupNorm's parameter tree."""
-  import flax.linen as nn
-  rng = np.random.default_rng(0)
-  x = (3.0 * rng.standard_normal(shape) + 1.5).astype(np.float32)
-  norm = unet.GroupNorm(num_groups=groups, epsilon=1e-6)
-  params = norm.init(jax.random.key(0), jnp.asarray(x))["params"]
-  reference_shapes = jax.eval_shape(nn.GroupNorm(num_groups=groups).init, jax.random.key(0),
-                                    jnp.asarray(x))["params"]
-  assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), reference_shapes)
-  params = {"scale": jnp.asarray(1 + 0.2 * rng.standard_normal(shape[-1]), jnp.float32),
-            "bias": jnp.asarray(0.2 * rng.standard_normal(shape[-1]), jnp.float32)}
-  got = norm.apply({"params": params}, jnp.asarray(x))
-  b, h, w, c = shape
-  g = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
-  mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
-  want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(shape)
-  want = want * np.asarray(params["scale"], np.float64) + np.asarray(params["bias"], np.float64)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  half = unet.GroupNorm(num_groups=groups, dtype=jnp.bfloat16).apply(
-      {"params": params}, jnp.asarray(x, jnp.bfloat16))
-  assert half.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=0.05, atol=0.05)
-
-
-def test_group_norm_gradient_equals_autodiff_of_flax_group_norm():
-  """The hand-written GroupNorm backward pass against JAX's autodiff of flax.linen.GroupNorm."""
-  import flax.linen as nn
-  rng = np.random.default_rng(1)
-  shape, groups = (2, 4, 6, 8), 4
-  x = jnp.asarray(2.0 * rng.standard_normal(shape) + 0.7, jnp.float32)
-  params = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(8), jnp.float32),
-            "bias": jnp.asarray(0.3 * rng.standard_normal(8), jnp.float32)}
-  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-
-  def loss(module):
-    return lambda p, x: jnp.sum(module.apply({"params": p}, x) * dy)
-
-  want = jax.grad(loss(nn.GroupNorm(num_groups=groups, epsilon=1e-6)), (0, 1))(params, x)
-  got = jax.grad(loss(unet.GroupNorm(num_groups=groups)), (0, 1))(params, x)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
 def test_peer_comparison_ratios_and_table(tiny_run):

@@ -6,6 +6,8 @@ import pytest
 
 from configs import default, tiny
 from ddpm import config_validation as cv
+from ddpm import diffusion, errors, experiment, fid, input_pipeline, models, sampling, schedules
+from ddpm import timestep_sampler
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
@@ -79,6 +81,35 @@ def test_sampling_steps_bounded_by_T():
   def mutate(c):
     c.sampling.num_steps = 5000
   _bad(mutate, r"config\.sampling\.num_steps")
+
+
+def test_choice_lists_are_the_owning_modules_lists():
+  # The same objects, so a method or schedule added where it is implemented is valid at once.
+  owners = {
+      "diffusion.beta_schedule": schedules.SCHEDULE_NAMES,
+      "diffusion.model_mean_type": diffusion.MEAN_TYPES,
+      "diffusion.model_var_type": diffusion.VAR_TYPES,
+      "diffusion.loss_type": diffusion.LOSS_TYPES,
+      "diffusion.timestep_sampler": timestep_sampler.SAMPLER_NAMES,
+      "optim.optimizer": experiment.OPTIMIZERS,
+      "optim.schedule": experiment.LR_SCHEDULES,
+      "sampling.method": sampling.METHODS,
+      "sampling.spacing": sampling.SPACINGS,
+      "eval.feature_extractor": fid.FEATURE_EXTRACTORS,
+      "model.name": models.MODEL_NAMES,
+      "data.channels": input_pipeline.CHANNELS,
+  }
+  for key, choices in owners.items():
+    assert cv.CHOICES[key] is choices, key
+  assert cv.CHOICES["training.compute_dtype"] == tuple(models.COMPUTE_DTYPES)
+  assert set(cv.CHOICES) == set(owners) | {"training.compute_dtype"}
+
+
+def test_channels_must_be_grey_or_rgb_and_errors_are_user_errors():
+  def mutate(c):
+    c.data.channels = 2
+  _bad(mutate, r"config\.data\.channels: 2 is not one of 1, 3")
+  assert issubclass(cv.ConfigError, errors.UserError)
 
 
 def test_unknown_dataset_and_negative_seed_are_named():

@@ -1,5 +1,4 @@
-"""The sample / eval / sweep modes end to end on configs/tiny.py (2 training steps)."""
-import csv
+"""The sample and eval modes end to end on configs/tiny.py (2 training steps)."""
 import json
 import os
 
@@ -8,7 +7,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from ddpm import evaluation, sweep, train
+from ddpm import evaluation, train
 
 
 def _config():
@@ -55,43 +54,3 @@ def test_eval_mode_bits_per_dim(workdir):
 def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluation.run_sampling(_config(), str(tmp_path))
-
-
-def test_sweep_writes_csv_and_markdown_and_resumes(tmp_path, sigterm_at_step):
-  """A SIGTERM stops the sweep after saving; the rerun resumes it; a third run skips both."""
-  from ddpm import checkpointing
-  c = _config()
-  c.training.num_train_steps = 4
-  c.eval.bpd_num_images = 0
-  c.variants = {"base": {}, "cosine": {"diffusion": {"beta_schedule": "cosine"}}}
-  disarm = sigterm_at_step(2)
-  assert sweep.run_sweep(c, str(tmp_path)) == []
-  assert checkpointing.latest_step(str(tmp_path / "base" / "checkpoints")) == 2
-  assert not (tmp_path / "base" / "result.json").exists() and not (tmp_path / "cosine").exists()
-  disarm()
-
-  rows = sweep.run_sweep(c, str(tmp_path))
-  assert [r["variant"] for r in rows] == ["base", "cosine"]
-  assert [r["steps"] for r in rows] == [4, 4]
-  with open(tmp_path / "results.csv") as f:
-    table = list(csv.DictReader(f))
-  assert [r["variant"] for r in table] == ["base", "cosine"]
-  assert all(np.isfinite(float(r["final_loss"])) for r in table)
-  md = (tmp_path / "results.md").read_text()
-  assert "| cosine |" in md
-  # The cosine variant really trained with its own schedule.
-  assert (tmp_path / "cosine" / "checkpoints").exists()
-
-  stamps = [os.stat(tmp_path / v / "result.json").st_mtime_ns for v in ("base", "cosine")]
-  assert sweep.run_sweep(c, str(tmp_path)) == rows
-  assert [os.stat(tmp_path / v / "result.json").st_mtime_ns for v in ("base", "cosine")] == stamps
-
-
-def test_unknown_variant_is_named():
-  c = _config()
-  c.variants = {"base": {}}
-  with pytest.raises(ValueError, match="unknown variant 'nope'"):
-    sweep.variant_config(c, "nope")
-  c.variants = {"bad": {"training": {"batchsize": 4}}}
-  with pytest.raises(ValueError, match=r"config\.training\.batchsize"):
-    sweep.variant_config(c, "bad")

@@ -1,4 +1,5 @@
-"""Tests of ddpm/input_pipeline.py: digits, image folders, TFDS (mock data), sharding, resumption.
+"""Tests of ddpm/input_pipeline.py: digits, image folders, TFDS (mock data), sharding, resumption
+(device prefetch: test_prefetch.py).
 
 Expected values come from closed forms (level mapping, padding, crops, luma), from independent
 reads of the raw data (scikit-learn, tfds.data_source) or from invariants (permutations,
@@ -8,12 +9,9 @@ import io
 import json
 import logging
 import os
-import time
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from configs import default
@@ -42,12 +40,6 @@ def assert_batches_equal(xs, ys):
 def to_uint8(images):
   """[-1, 1] float batch -> uint8, exact for images that came from uint8."""
   return np.round((np.asarray(images) + 1.0) * 127.5).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,9 +202,8 @@ def test_epochs_are_reshuffled_permutations_and_deterministic_given_seed(folder)
       to_uint8(np.concatenate([b["image"] for b in take(other.train_iter, n)])), stream)
 
 
-def test_batch_size_must_divide_over_devices_and_processes():
-  with pytest.raises(ValueError, match=r"training\.batch_size=12 .*8 devices"):
-    input_pipeline.create_datasets(make_config(batch_size=12), process_index=0, process_count=1)
+def test_batch_size_must_divide_over_processes():
+  # (Divisibility by the devices, channels and image size: config_validation checks them.)
   with pytest.raises(ValueError, match=r"training\.batch_size=16 .*3 processes"):
     input_pipeline.create_datasets(make_config(batch_size=16), process_index=0, process_count=3)
 
@@ -223,67 +214,6 @@ def test_config_errors_name_the_key():
   with pytest.raises(ValueError, match="data.dataset='imagenette'.*folder.*cifar10.*lsun/bedroom"):
     input_pipeline.create_datasets(make_config(dataset="imagenette"), process_index=0,
                                    process_count=1)
-  with pytest.raises(ValueError, match="data.channels=2"):
-    input_pipeline.create_datasets(make_config(channels=2), process_index=0, process_count=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# prefetch_to_mesh
-# ---------------------------------------------------------------------------------------------
-
-def test_prefetch_to_mesh_shards_over_the_8_devices(mesh):
-  config = make_config(dataset="digits", image_size=8, batch_size=16)
-  ds = input_pipeline.create_datasets(config, seed=0, process_index=0, process_count=1)
-  twin = input_pipeline.create_datasets(config, seed=0, process_index=0, process_count=1)
-  sharding = NamedSharding(mesh, P("data"))
-  with input_pipeline.prefetch_to_mesh(ds.train_iter, sharding, size=2) as batches:
-    batch = next(batches)
-    assert isinstance(batch["image"], jax.Array)
-    assert batch["image"].shape == (16, 8, 8, 1) and batch["label"].shape == (16,)
-    assert batch["image"].sharding == sharding and batch["label"].sharding == sharding
-    assert len(batch["image"].addressable_shards) == 8
-    assert {s.data.shape for s in batch["image"].addressable_shards} == {(2, 8, 8, 1)}
-    assert_batches_equal([batch, next(batches)], take(twin.train_iter, 2))
-  # stack=1 with the batch axis at 1 asks for the stacked layout [1, B, ...].
-  with input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
-                                       stack=1) as stacked:
-    batch = next(stacked)
-    assert batch["image"].shape == (1, 16, 8, 8, 1) and batch["label"].shape == (1, 16)
-    np.testing.assert_array_equal(np.asarray(batch["image"])[0], next(twin.train_iter)["image"])
-  with pytest.raises(ValueError, match="partitions axes \\[0\\].*P\\(None, 'data'\\)"):
-    input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P("data")), stack=2)
-  with pytest.raises(ValueError, match="partitions axes \\[2\\]"):
-    input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, None, "data")))
-
-
-def test_prefetch_to_mesh_stacks_and_restores_consumer_position(mesh):
-  config = make_config(dataset="digits", image_size=8, batch_size=16, random_flip=True)
-  ds = input_pipeline.create_datasets(config, seed=4, process_index=0, process_count=1)
-  twin = input_pipeline.create_datasets(config, seed=4, process_index=0, process_count=1)
-  sharding = NamedSharding(mesh, P(None, "data"))
-  batches = input_pipeline.prefetch_to_mesh(ds.train_iter, sharding, size=2, stack=3)
-  first = next(batches)
-  assert first["image"].shape == (3, 16, 8, 8, 1) and first["label"].shape == (3, 16)
-  assert first["image"].sharding == sharding
-  raw = take(twin.train_iter, 3)
-  np.testing.assert_array_equal(np.asarray(first["image"]), np.stack([b["image"] for b in raw]))
-  state = batches.get_state()
-  assert state["next_batch"] == 3  # what was consumed, not what was prefetched
-  deadline = time.time() + 10
-  while ds.train_iter.get_state()["next_batch"] < 9 and time.time() < deadline:
-    time.sleep(0.01)
-  time.sleep(0.05)
-  assert ds.train_iter.get_state()["next_batch"] == 9  # size=2 stacked batches built ahead
-  after = take(batches, 2)
-  batches.set_state(state)
-  assert_batches_equal(take(batches, 2), after)
-  batches.close()
-  assert ds.train_iter.get_state()["next_batch"] == 9  # rewound to what was consumed
-
-  fresh = input_pipeline.create_datasets(config, seed=4, process_index=0, process_count=1)
-  fresh.train_iter.set_state(json.loads(json.dumps(state)))
-  with input_pipeline.prefetch_to_mesh(fresh.train_iter, sharding, stack=3) as resumed:
-    assert_batches_equal(take(resumed, 2), after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,15 +458,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import default
-from ddpm import input_pipeline
+from ddpm import input_pipeline, prefetch
 
 config = default.get_config()
 config.data.dataset, config.data.image_size, config.data.random_flip = "digits", 8, True
 config.training.batch_size = 16
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
 ds = input_pipeline.create_datasets(config, seed=3)  # process index/count from JAX
-with input_pipeline.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
-                                     stack=2) as batches:
+with prefetch.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
+                               stack=2) as batches:
   got = [multihost_utils.process_allgather(next(batches)["image"], tiled=True)
          for _ in range(2)]
 whole = input_pipeline.create_datasets(config, seed=3, process_index=0, process_count=1)

@@ -72,7 +72,8 @@ def test_config_builds(name):
   x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x, t)
-  out_channels = channels * (2 if config_validation.learns_sigma(config) else 1)
+  learns_sigma = config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES
+  out_channels = channels * (2 if learns_sigma else 1)
   assert out.shape == (2, size, size, out_channels) and out.dtype == jnp.float32
   n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))
   assert n > 0 and _COUNTS.setdefault(_count_key(config), n) == n

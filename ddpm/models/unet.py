@@ -17,11 +17,15 @@ multi-head attention (`num_heads` / `num_head_channels`), adaptive GroupNorm
 classifier-free guidance (Ho & Salimans 2022). `dtype` sets the computation dtype (parameters
 stay float32) and `remat` rematerialises the residual blocks in the backward pass.
 
+The layers are stock Flax (nn.Conv, nn.Dense, nn.GroupNorm) on every platform; on CPU,
+`ddpm.models.build_model` swaps their primitives for the XLA:CPU kernels of
+`ddpm.models.cpu_ops` (`layers`), with the same parameters and values.
+
 Images are NHWC. All modules are pure: dropout draws from the 'dropout' RNG stream.
 """
-import functools
+import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,257 +90,37 @@ def num_groups(channels: int) -> int:
   return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-class GroupNorm(nn.Module):
-  """Group normalisation (Wu & He 2018) of NHWC inputs, with a learned per-channel affine.
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """The primitives the U-Net's layers compute with: stock Flax / lax by default.
 
-  The parameters ('scale' = 1, 'bias' = 0, [C] float32) and the values are those of
-  flax.linen.GroupNorm: mean and biased variance E[x^2] - E[x]^2 (clipped at 0) over H, W and
-  the C / G channels of each group, in float32 also for bfloat16 inputs; epsilon inside the
-  square root. The statistics are per-channel sums over H x W (contiguous reductions) added up
-  per group, and the normalisation is one multiply-add per element with per-(example, channel)
-  coefficients; XLA:CPU ran flax's version (reductions over strided [H W, C / G] blocks) 2-5x
-  slower (16x32x32x64 forward: 4.8 ms vs 0.8 ms).
+  On CPU, `ddpm.models.build_model` passes `ddpm.models.cpu_ops.LAYERS` instead: the same
+  parameters and values, computed in forms XLA:CPU runs faster. The methods build the DDPM
+  layers (initialisers, padding, GroupNorm(32)) from these primitives.
   """
-  num_groups: int
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
+  conv_general_dilated: Callable = jax.lax.conv_general_dilated  # for nn.Conv
+  dot_general: Callable = jax.lax.dot_general                    # for nn.Dense
+  group_norm: Callable[..., nn.Module] = nn.GroupNorm            # takes nn.GroupNorm's arguments
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
-    if x.ndim != 4:
-      raise ValueError(f"GroupNorm expects NHWC inputs, got shape {x.shape}")
-    b, height, width, c = x.shape
-    groups = self.num_groups
-    if groups < 1 or c % groups:
-      raise ValueError(f"num_groups={groups} must be >= 1 and divide the {c} channels")
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return _group_norm_affine(x, scale, bias, groups, self.epsilon).astype(self.dtype)
+  def conv(self, features: int, dtype: Dtype, name: str, *, kernel: int = 3, stride: int = 1,
+           init_scale: float = 1.0) -> nn.Conv:
+    # 'SAME' padding follows TF's convention (for stride 2 on even sizes: pad 0 before, 1 after),
+    # as the official model did.
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                   kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
+                   conv_general_dilated=self.conv_general_dilated, name=name)
 
+  def dense(self, features: int, dtype: Dtype, name: str, init_scale: float = 1.0) -> nn.Dense:
+    # Also the DDPM "NIN" layer (a 1x1 convolution): Dense acts on the last (channel) axis.
+    return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
+                    param_dtype=jnp.float32, dot_general=self.dot_general, name=name)
 
-def _group_stats(x, groups, eps):
-  """x: [B, H, W, C] -> (mean, 1 / sqrt(var + eps)), each [B, C] (per group, repeated)."""
-  b, height, width, c = x.shape
-  per_group = c // groups
-  count = height * width * per_group
-  xf = x.astype(jnp.float32)
-  mean = jnp.sum(xf, axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count   # [B, G]
-  mean_sq = jnp.sum(jnp.square(xf), axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count
-  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
-  return jnp.repeat(mean, per_group, axis=1), jnp.repeat(inv, per_group, axis=1)
+  def norm(self, channels: int, dtype: Dtype, name: str) -> nn.Module:
+    """GroupNorm(32) as in DDPM (see `num_groups` for narrow models), epsilon 1e-6 as in TF."""
+    return self.group_norm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
 
 
-def _group_sum(a, groups):
-  """[B, C] -> per-group sums repeated over the group's channels, [B, C]."""
-  b, c = a.shape
-  return jnp.repeat(a.reshape(b, groups, c // groups).sum(-1), c // groups, axis=1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm_affine(x, scale, bias, groups, eps):
-  """GroupNorm with affine: [B, H, W, C] -> float32 [B, H, W, C]."""
-  mean, inv = _group_stats(x, groups, eps)
-  mul = inv * scale
-  return x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
-
-
-def _group_norm_affine_fwd(x, scale, bias, groups, eps):
-  mean, inv = _group_stats(x, groups, eps)
-  mul = inv * scale
-  y = x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
-  return y, (x, scale, mean, inv)
-
-
-def _group_norm_affine_bwd(groups, eps, res, dy):
-  # With xh = (x - mean) inv and g = dy scale, the input gradient is
-  #   dx = inv (g - E[g] - xh E[g xh])   (expectations over a group's H, W and channels),
-  # written as dx = dy * inv * scale + x * p + q with per-(example, channel) p, q: one pass of
-  # per-channel sums of dy and dy * x, one elementwise pass (autodiff of the forward made more).
-  x, scale, mean, inv = res
-  b, height, width, c = x.shape
-  count = height * width * (c // groups)
-  xf = x.astype(jnp.float32)
-  s1 = jnp.sum(dy, axis=(1, 2))              # [B, C]: sum of dy
-  s2 = jnp.sum(dy * xf, axis=(1, 2))         # [B, C]: sum of dy x
-  dxh_sum = s2 - mean * s1                   # sum of dy (x - mean), per channel
-  e_g = _group_sum(scale * s1, groups) / count                  # E[g]
-  e_gxh = _group_sum(scale * inv * dxh_sum, groups) / count     # E[g xh]
-  p = -inv * inv * e_gxh
-  q = -inv * e_g - p * mean
-  dx = dy * (inv * scale)[:, None, None, :] + xf * p[:, None, None, :] + q[:, None, None, :]
-  dscale = jnp.sum(inv * dxh_sum, axis=0)
-  dbias = jnp.sum(s1, axis=0)
-  return dx.astype(x.dtype), dscale, dbias
-
-
-_group_norm_affine.defvjp(_group_norm_affine_fwd, _group_norm_affine_bwd)
-
-
-def _group_norm(channels: int, dtype: Dtype, name: str) -> GroupNorm:
-  """GroupNorm(32) as in DDPM (see `num_groups` for narrow models)."""
-  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
-
-
-# ---- convolution with a loop-safe gradient on CPU ------------------------------------------
-# XLA:CPU rewrites convolutions into the form its fast kernels (Eigen / XNNPACK) take only in the
-# top-level computation, not inside while loops (jax issue #12868). The gradients JAX derives
-# for a conv (w.r.t. the kernel: batch and feature roles swapped, the 32x32 output as the window)
-# are not in that form, so inside a lax.scan (the train step's steps_per_dispatch loop) they fell
-# back to naive loops: a bench32 train step took ~66 s instead of ~2 s. On CPU the backward pass
-# below writes both gradients as NHWC x HWIO convolutions with explicit transposes, a form the
-# fast kernels take anywhere; other platforms keep JAX's own gradient (cuDNN / TPU recognise it).
-_DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def _conv_plain(x, w, strides, pads):
-  return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DIMS)
-
-
-def _conv_grads_canonical(x, w, g, strides, pads):
-  """(dx, dw) of y = conv(x, w) with only NHWC x HWIO convolutions. x: [B, H, W, I],
-  w: [KH, KW, I, O], g = dL/dy: [B, Ho, Wo, O]."""
-  k = w.shape[:2]
-  size = x.shape[1:3]
-  out = g.shape[1:3]
-  # dx[i] = sum_k gd[i + lo - k] w[k] with gd = g dilated by the stride: a correlation of gd with
-  # the flipped, in/out-swapped kernel, padded K - 1 - lo before (and the rest after).
-  dx_pads = [(k[d] - 1 - pads[d][0], size[d] - 1 - (out[d] - 1) * strides[d] + pads[d][0])
-             for d in range(2)]
-  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), dx_pads, lhs_dilation=strides,
-                                    dimension_numbers=_DIMS)
-  # dw[a, b, i, o] = sum_{n, h, v} x_pad[n, h s + a, v s + b, i] g[n, h, v, o]: a convolution of
-  # x^T [I, H, W, B] (I as the batch, B as the features) with g^T [Ho, Wo, B, O] as the kernel.
-  dw_pads = [(pads[d][0], k[d] + (out[d] - 1) * strides[d] - size[d] - pads[d][0])
-             for d in range(2)]
-  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-                                    dw_pads, rhs_dilation=strides, dimension_numbers=_DIMS)
-  return dx, dw.transpose(1, 2, 0, 3)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_loop_safe(x, w, strides, pads):
-  return _conv_plain(x, w, strides, pads)
-
-
-def _conv_loop_safe_fwd(x, w, strides, pads):
-  return _conv_plain(x, w, strides, pads), (x, w)
-
-
-def _conv_loop_safe_bwd(strides, pads, res, g):
-  x, w = res
-
-  def jax_grads(x, w, g):
-    return jax.vjp(lambda a, b: _conv_plain(a, b, strides, pads), x, w)[1](g)
-
-  def cpu_grads(x, w, g):
-    return _conv_grads_canonical(x, w, g, strides, pads)
-
-  return jax.lax.platform_dependent(x, w, g, cpu=cpu_grads, default=jax_grads)
-
-
-_conv_loop_safe.defvjp(_conv_loop_safe_fwd, _conv_loop_safe_bwd)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for nn.Conv (NHWC x HWIO 2-D convolutions, no dilation, no
-  groups) with the loop-safe CPU gradient described above. Same values as the lax op."""
-  if lhs.ndim != 4 or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) \
-      or feature_group_count != 1 or precision is not None:
-    raise ValueError("conv_general_dilated here supports 2-D NHWC convolutions without "
-                     f"dilation, groups or precision, got input shape {lhs.shape}, lhs_dilation="
-                     f"{lhs_dilation}, rhs_dilation={rhs_dilation}, feature_group_count="
-                     f"{feature_group_count}, precision={precision}")
-  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if dims != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS):
-    raise ValueError(f"expected NHWC x HWIO dimension numbers, got {dimension_numbers}")
-  strides = tuple(int(s) for s in window_strides)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv_loop_safe(lhs, rhs, strides, pads)
-
-
-# ---- dense layers: a weight gradient without a fused transpose on CPU -------------------------
-# The weight gradient of y = x W is dW = x^T g (g = dL/dy). XLA:CPU lays that dot out with g
-# transposed and fuses the transpose into g's producer (a GroupNorm backward, the split of an
-# up-path skip concatenation), which then writes its output in transposed order: one
-# [16384, 64] gradient of configs/bench32.py took 21 ms instead of about 1. An optimisation
-# barrier on g in the backward pass keeps the producer in its own layout (bench32's U-Net
-# gradient 5-7% faster, bitwise the same values). Other platforms keep the plain formulas.
-def _dense_grads(x, w, g, barrier: bool):
-  """(dx, dw) of y = x @ w. x: [..., K], w: [K, O], g: [..., O]."""
-  if barrier:
-    g = jax.lax.optimization_barrier(g)
-  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-  return dx, dw
-
-
-@jax.custom_vjp
-def _dense_dot(x, w):
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _dense_dot_fwd(x, w):
-  return _dense_dot(x, w), (x, w)
-
-
-def _dense_dot_bwd(res, g):
-  x, w = res
-  return jax.lax.platform_dependent(
-      x, w, g, cpu=functools.partial(_dense_grads, barrier=True),
-      default=functools.partial(_dense_grads, barrier=False))
-
-
-_dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` for nn.Dense ([..., K] x [K, O], no batch dimensions) with the CPU
-  weight gradient described above. Same values as the lax op."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if (tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch
-      or rhs_batch or rhs.ndim != 2 or precision is not None
-      or preferred_element_type is not None):
-    raise ValueError("dense_dot_general supports [..., K] x [K, O] products without batch "
-                     f"dimensions, precision or preferred_element_type, got shapes {lhs.shape} "
-                     f"x {rhs.shape}, dimension_numbers={dimension_numbers}, precision="
-                     f"{precision}, preferred_element_type={preferred_element_type}")
-  return _dense_dot(lhs, rhs)
-
-
-# ---- XLA:CPU library choice ------------------------------------------------------------------
-# XLA:CPU hands convolutions, dots, reductions and elementwise fusions to YNNPACK by default. On
-# the 2-core AVX-512 machine this project was tuned on, YNNPACK ran the U-Net's 64-channel 3x3
-# convolutions on ONE thread (16x32x32x64 -> 64: 94 GFLOP/s, Eigen 180 GFLOP/s) and its dots and
-# elementwise fusions no faster than XLA's own; its reductions (GroupNorm statistics, bias
-# gradients) were faster. With only reductions on YNNPACK, configs/bench32.py's U-Net gradient
-# took 1.14 s instead of 1.40 s and its forward pass 0.33 s instead of 0.45 s.
-_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def xla_compiler_options(platform: str) -> dict:
-  """Options for `jax.jit(..., compiler_options=...)` of code running this U-Net on `platform`
-  ('cpu', 'gpu', 'tpu'): the XLA:CPU library choice above on CPU, nothing elsewhere."""
-  return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
-
-
-def _conv(features: int, dtype: Dtype, name: str, *, kernel: int = 3, stride: int = 1,
-          init_scale: float = 1.0) -> nn.Conv:
-  # 'SAME' padding follows TF's convention (for stride 2 on even sizes: pad 0 before, 1 after),
-  # as the official model did.
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                 kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
-                 conv_general_dilated=conv_general_dilated, name=name)
-
-
-def _dense(features: int, dtype: Dtype, name: str, init_scale: float = 1.0) -> nn.Dense:
-  # Also the DDPM "NIN" layer (a 1x1 convolution): Dense acts on the last (channel) axis.
-  return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
-                  param_dtype=jnp.float32, dot_general=dense_dot_general, name=name)
+STOCK_LAYERS = Layers()
 
 
 def upsample_nearest(x: Array) -> Array:
@@ -359,12 +143,13 @@ class Downsample(nn.Module):
   """Halves the resolution: stride-2 3x3 conv (DDPM) or 2x2 average pooling."""
   with_conv: bool
   dtype: Dtype = jnp.float32
+  layers: Layers = STOCK_LAYERS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
     if self.with_conv:
-      return _conv(x.shape[-1], self.dtype, "conv", stride=2)(x)
+      return self.layers.conv(x.shape[-1], self.dtype, "conv", stride=2)(x)
     return downsample_avg(x)
 
 
@@ -372,13 +157,14 @@ class Upsample(nn.Module):
   """Doubles the resolution: nearest neighbour, then (optionally) a 3x3 conv."""
   with_conv: bool
   dtype: Dtype = jnp.float32
+  layers: Layers = STOCK_LAYERS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
     x = upsample_nearest(x)
     if self.with_conv:
-      x = _conv(x.shape[-1], self.dtype, "conv")(x)
+      x = self.layers.conv(x.shape[-1], self.dtype, "conv")(x)
     return x
 
 
@@ -397,31 +183,33 @@ class ResBlock(nn.Module):
   use_scale_shift_norm: bool = False
   resample: Optional[str] = None
   dtype: Dtype = jnp.float32
+  layers: Layers = STOCK_LAYERS
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
     """x: [B, H, W, C], emb: [B, E] -> [B, H', W', out_ch] (H' = 2H / H/2 when resampling)."""
     if self.resample not in (None, "up", "down"):
       raise ValueError(f"ResBlock resample must be None, 'up' or 'down', got {self.resample!r}")
-    h = nn.swish(_group_norm(x.shape[-1], self.dtype, "norm1")(x))
+    h = nn.swish(self.layers.norm(x.shape[-1], self.dtype, "norm1")(x))
     if self.resample is not None:
       resample = upsample_nearest if self.resample == "up" else downsample_avg
       h, x = resample(h), resample(x)
-    h = _conv(self.out_ch, self.dtype, "conv1")(h)
+    h = self.layers.conv(self.out_ch, self.dtype, "conv1")(h)
 
     emb_ch = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
-    emb_out = _dense(emb_ch, self.dtype, "temb_proj")(nn.swish(emb))[:, None, None, :]
-    norm2 = _group_norm(self.out_ch, self.dtype, "norm2")
+    emb_out = self.layers.dense(emb_ch, self.dtype, "temb_proj")(nn.swish(emb))
+    emb_out = emb_out[:, None, None, :]
+    norm2 = self.layers.norm(self.out_ch, self.dtype, "norm2")
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = nn.swish(norm2(h) * (1 + scale) + shift)
     else:
       h = nn.swish(norm2(h + emb_out))
     h = nn.Dropout(rate=self.dropout)(h, deterministic=self.deterministic)
-    h = _conv(self.out_ch, self.dtype, "conv2", init_scale=0.0)(h)
+    h = self.layers.conv(self.out_ch, self.dtype, "conv2", init_scale=0.0)(h)
 
     if x.shape[-1] != self.out_ch:
-      x = _dense(self.out_ch, self.dtype, "nin_shortcut")(x)
+      x = self.layers.dense(self.out_ch, self.dtype, "nin_shortcut")(x)
     return x + h
 
 
@@ -440,6 +228,7 @@ class AttnBlock(nn.Module):
   num_heads: int = 1
   num_head_channels: int = -1
   dtype: Dtype = jnp.float32
+  layers: Layers = STOCK_LAYERS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -455,14 +244,14 @@ class AttnBlock(nn.Module):
       if heads < 1 or c % heads:
         raise ValueError(f"num_heads={heads} must be >= 1 and divide the {c} channels of an "
                          "attention block")
-    h = _group_norm(c, self.dtype, "norm")(x)
+    h = self.layers.norm(c, self.dtype, "norm")(x)
     split = lambda a: a.reshape(b, height * width, heads, c // heads)
-    q = split(_dense(c, self.dtype, "q")(h))
-    k = split(_dense(c, self.dtype, "k")(h))
-    v = split(_dense(c, self.dtype, "v")(h))
+    q = split(self.layers.dense(c, self.dtype, "q")(h))
+    k = split(self.layers.dense(c, self.dtype, "k")(h))
+    v = split(self.layers.dense(c, self.dtype, "v")(h))
     # Logits and softmax are computed in float32 also for bfloat16 inputs; scale 1/sqrt(C/heads).
     h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
-    h = _dense(c, self.dtype, "proj_out", init_scale=0.0)(h)
+    h = self.layers.dense(c, self.dtype, "proj_out", init_scale=0.0)(h)
     return x + h
 
 
@@ -488,6 +277,8 @@ class UNet(nn.Module):
     dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
       output is float32.
     remat: rematerialise (nn.remat) the residual blocks, trading compute for memory.
+    layers: the primitives of the layers (`Layers`): stock by default, the XLA:CPU kernels of
+      `cpu_ops.LAYERS` when build_model picks them. Parameters and values do not depend on it.
   """
   ch: int
   out_ch: int
@@ -504,6 +295,7 @@ class UNet(nn.Module):
   num_classes: int = 0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  layers: Layers = STOCK_LAYERS
 
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Optional[Array] = None,
@@ -529,8 +321,8 @@ class UNet(nn.Module):
 
     # Timestep embedding -> 2-layer MLP of width 4*ch (DDPM: temb/dense0, temb/dense1).
     emb = timestep_embedding(t, self.ch)
-    emb = _dense(emb_dim, self.dtype, "temb_dense0")(emb)
-    emb = _dense(emb_dim, self.dtype, "temb_dense1")(nn.swish(emb))
+    emb = self.layers.dense(emb_dim, self.dtype, "temb_dense0")(emb)
+    emb = self.layers.dense(emb_dim, self.dtype, "temb_dense1")(nn.swish(emb))
     if self.num_classes > 0:
       # ADM adds a learned label embedding to the timestep embedding; row num_classes is the
       # "null" label used for unconditional predictions in classifier-free guidance.
@@ -544,14 +336,14 @@ class UNet(nn.Module):
     def res_block(out_ch, name, resample=None):
       return block_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train,
                        use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
-                       dtype=self.dtype, name=name)
+                       dtype=self.dtype, layers=self.layers, name=name)
 
     def attn_block(name):
       return AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
-                       dtype=self.dtype, name=name)
+                       dtype=self.dtype, layers=self.layers, name=name)
 
     # Downsampling path: every block output is kept for the skip connections.
-    hs = [_conv(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))]
+    hs = [self.layers.conv(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))]
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
         h = res_block(self.ch * mult, f"down_{level}_block_{block}")(hs[-1], emb)
@@ -562,7 +354,7 @@ class UNet(nn.Module):
         if self.resblock_updown:
           hs.append(res_block(hs[-1].shape[-1], f"down_{level}_downsample", "down")(hs[-1], emb))
         else:
-          hs.append(Downsample(self.resamp_with_conv, self.dtype,
+          hs.append(Downsample(self.resamp_with_conv, self.dtype, self.layers,
                                name=f"down_{level}_downsample")(hs[-1]))
 
     # Middle: block, attention, block.
@@ -582,12 +374,13 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_block(h.shape[-1], f"up_{level}_upsample", "up")(h, emb)
         else:
-          h = Upsample(self.resamp_with_conv, self.dtype, name=f"up_{level}_upsample")(h)
+          h = Upsample(self.resamp_with_conv, self.dtype, self.layers,
+                       name=f"up_{level}_upsample")(h)
     assert not hs, "every skip connection must be consumed"
 
-    h = nn.swish(_group_norm(h.shape[-1], self.dtype, "norm_out")(h))
+    h = nn.swish(self.layers.norm(h.shape[-1], self.dtype, "norm_out")(h))
     out_ch = 2 * self.out_ch if self.learn_sigma else self.out_ch
-    h = _conv(out_ch, self.dtype, "conv_out", init_scale=0.0)(h)
+    h = self.layers.conv(out_ch, self.dtype, "conv_out", init_scale=0.0)(h)
     return h.astype(jnp.float32)
 
   def _check_inputs(self, x, t, y):
