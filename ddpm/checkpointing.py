@@ -62,6 +62,10 @@ class CheckpointRestoreError(UserError, RuntimeError):
   """Checkpoints exist but none of them could be restored."""
 
 
+class NoCheckpointError(UserError, FileNotFoundError):
+  """A reader (sampling, evaluation) found no checkpoint to read."""
+
+
 class CheckpointWriteError(UserError, OSError):
   """A checkpoint could not be written for lack of space; older ones are intact."""
 
@@ -253,14 +257,15 @@ def _inspect(state) -> Tuple[list, dict]:
       if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
         bad.append(_key_path_str(path))
       if a.dtype != object:
-        sums[_leaf_name(path)] = "%08x%08x" % tuple(int(h) for h in _sums(_host_words(a), np))
+        sums[_leaf_name(path)] = "%s:%08x%08x" % (a.dtype, *(int(h) for h in
+                                                     _sums(_host_words(a), np)))
   for group in on_devices.values():
     # The results are replicated, so every process can read them, also for multi-host arrays.
     finite, group_sums = map(np.asarray, _inspect_on_device([leaf for _, leaf in group]))
-    for (p, _), ok, (h1, h2) in zip(group, finite, group_sums):
+    for (p, leaf), ok, (h1, h2) in zip(group, finite, group_sums):
       if not ok:
         bad.append(_key_path_str(p))
-      sums[_leaf_name(p)] = "%08x%08x" % (int(h1), int(h2))
+      sums[_leaf_name(p)] = "%s:%08x%08x" % (leaf.dtype, int(h1), int(h2))
   return bad, sums
 
 
@@ -270,14 +275,17 @@ def nonfinite_leaves(state) -> list:
 
 
 def checksums(state) -> dict:
-  """{leaf name ('params/conv/kernel'): 16 hex digits}: a checksum of each array's bits."""
+  """{leaf name ('params/conv/kernel'): 'float32:<16 hex digits>'}: each array's dtype and a
+  checksum of its bits."""
   return _inspect(state)[1]
 
 
 def _mismatches(recorded: dict, actual: dict) -> list:
-  """Names of the leaves present in both whose checksums differ."""
+  """Names of the leaves present in both, restored with the dtype they were saved with (a
+  target may ask Orbax for another), whose checksums differ."""
   return [name for name, value in actual.items()
-          if name in recorded and recorded[name] != value]
+          if name in recorded and recorded[name] != value
+          and recorded[name].split(":")[0] == value.split(":")[0]]
 
 
 def _check_same_on_all_processes(data_state, step: int, directory) -> None:

@@ -30,7 +30,6 @@ from ddpm import experiment
 from ddpm import images
 from ddpm import models
 from ddpm import sampling
-from ddpm.errors import UserError
 
 REFERENCE_CACHE_DIR = os.path.expanduser("~/.cache/ddpm_jax/reference_stats")
 GIF_BATCH = 16
@@ -69,8 +68,8 @@ def load_ema_params(config, workdir: str):
   mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
-    raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
-                    f"--workdir={workdir}")
+    raise checkpointing.NoCheckpointError(f"no checkpoint in {ckpt_dir}: train first with "
+                                          f"--mode=train --workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           jax.eval_shape(init_fn, experiment.initial_rng(config)))

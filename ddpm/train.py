@@ -345,9 +345,11 @@ def _train(config, workdir: str) -> experiment.TrainState:
           break
       drain()
   finally:
-    checkpointing.wait(mngr)
-    writer.close()
-    if hasattr(batches, "close"):
-      batches.close()
+    try:
+      checkpointing.wait(mngr)  # raises CheckpointWriteError if the disk filled up
+    finally:
+      writer.close()
+      if hasattr(batches, "close"):
+        batches.close()
   return state
 

@@ -52,6 +52,7 @@ def test_wrong_type_override_is_named(tmp_path):
 
 # ---- One line per failure: checks that need no compile (each run imports JAX, ~seconds) ------
 import json  # noqa: E402
+import signal  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
@@ -193,9 +194,52 @@ def test_operator_failures_end_to_end(tmp_path):
   assert len(_warnings(out.stderr)) <= 2 and "Traceback" not in out.stderr
   assert "Exception ignored" not in out.stderr and "never retrieved" not in out.stderr
   assert os.path.exists(workdir / "samples" / "samples_4.npz")
+  # SIGTERM while sampling: one line, exit code 128 + 15.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "launch.py", *tiny, "--mode=sample",
+                           "--config.sampling.num_samples=100000"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if "sampled" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen) + rest
+  assert rest.strip().splitlines()[-1].startswith("launch.py: stopped by SIGTERM (--mode=sample)")
+  assert "Traceback" not in rest
   # A diverging fine-tune stops with one line naming a step after every logged one.
   out = _run(*tiny, "--config.training.num_train_steps=12", "--config.optim.lr=1e30",
              "--config.optim.grad_clip=0.0")
-  assert out.returncode == 1
-  last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("launch.py: non-finite") and "Traceback" not in out.stderr
+  assert _fails_with_one_line_at_end(out).startswith("launch.py: non-finite")
+
+
+@pytest.mark.slow
+def test_full_disk_during_training_is_one_line(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  # configs/tiny.py checkpoints take ~1.5-2 MB each: room for the first only.
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs",
+                                          str(disk)], capture_output=True).returncode != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    out = _run("--config=configs/tiny.py", f"--workdir={disk / 'run'}",
+               "--config.training.num_train_steps=8")
+    ckpt = disk / "run" / "checkpoints"
+    line = _fails_with_one_line_at_end(out)
+    assert line.startswith(f"launch.py: no space left on device while writing checkpoint 4 in "
+                           f"{ckpt}; checkpoints up to 2 are intact"), line
+    assert "Traceback" not in out.stderr and "meta_path" not in out.stderr
+    assert "2" in os.listdir(ckpt)
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fails_with_one_line_at_end(out):
+  """The last stderr line (after the run's progress logs), checking nothing else failed loudly."""
+  assert out.returncode == 1, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert not any(l.startswith(("Traceback", "Exception ignored")) for l in lines), out.stderr
+  return lines[-1]
