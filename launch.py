@@ -3,8 +3,9 @@
 All logic lives in the `ddpm` library; this file parses flags, starts `jax.distributed` when the
 run spans several processes and dispatches on --mode to a library function, which validates the
 config (`config_validation.validate_config`) before it builds anything:
-  train -> train.train_and_evaluate    sample -> evaluation.run_sampling
-  eval -> evaluation.run_eval          sweep -> sweep.run_sweep    benchmark -> benchmark.run_benchmark
+  train -> train.train_and_evaluate     sample -> evaluation.run_sampling
+  eval -> evaluation.run_eval           sweep -> sweep.run_sweep
+  benchmark -> benchmark.run_benchmark
 """
 import os
 import sys

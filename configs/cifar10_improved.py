@@ -24,8 +24,19 @@ train_util.py at the release):
   * Optimiser: AdamW with weight decay 0 (i.e. Adam), lr 1e-4 constant, no warm-up, no gradient
     clipping, batch size 128, EMA decay 0.9999, float32. 500k steps (the checkpoint's name).
   * Data: CIFAR-10 train split, no random flip (improved_diffusion/image_datasets.py has none).
-Differences from improved-diffusion: its network sees t * 1000 / T (rescale_timesteps) and its
-sinusoidal embedding puts cos first; ours sees t itself with the DDPM embedding (ddpm/models).
+  * The network is improved-diffusion's UNetModel exactly, through four U-Net options whose
+    defaults are DDPM's: it sees t * 1000 / T (model.rescale_timesteps, the diffusion wrapper's
+    rescale_timesteps=True), ADM's timestep embedding ([cos, sin], frequencies over dim // 2:
+    model.timestep_embedding='adm'), torch's GroupNorm epsilon 1e-5 (model.norm_eps) and the
+    stride-2 downsampling conv padded 1 on each side (torch padding=1:
+    model.downsample_padding='symmetric'). Its fused qkv attention (heads split per head as
+    [q, k, v], 1/sqrt(sqrt(d)) on q and k) is our q, k, v layers (scale 1/sqrt(d)) with the
+    weights reordered, so a released checkpoint (cifar10_uncond_50M_500K.pt, the 'l_vlb'
+    variant's cifar10_uncond_vlb_50M_500K.pt) imports with improved-diffusion's outputs
+    (ddpm/pretrained/improved_diffusion.py; tests/test_improved_diffusion.py compares with its
+    own network: 2e-6 relative difference measured on the full-size network, random weights).
+Differences from improved-diffusion: none known in the network. (Its GroupNorm always has 32
+groups; ours has 32 in every layer of this config, fewer only in layers below 64 channels.)
 
 Hardware and training time: not stated in the paper (checked through a secondary reading of its
 text only).
@@ -66,6 +77,11 @@ def get_config():
   config.model.num_head_channels = -1
   config.model.use_scale_shift_norm = True
   config.model.resblock_updown = False
+  # improved-diffusion's UNetModel, exactly (its released checkpoints load into this config):
+  config.model.rescale_timesteps = True        # the network sees t * 1000 / T
+  config.model.timestep_embedding = "adm"      # [cos, sin], frequencies over dim // 2
+  config.model.norm_eps = 1e-5                 # torch's GroupNorm default
+  config.model.downsample_padding = "symmetric"  # torch Conv2d(padding=1, stride=2)
 
   config.diffusion.num_timesteps = 4000
   config.diffusion.beta_schedule = "cosine"

@@ -2,14 +2,17 @@
 
 One checkpoint per step, in `directory/<step>/`, with up to three Orbax items:
   'state': a pytree of arrays (step, params, ema_params, opt_state, rng, sampler state, ...),
-           written with `StandardSave` and restored into the structure, dtypes and shardings of a
+           written with `PyTreeSave` and restored into the structure, dtypes and shardings of a
            target (typed PRNG key arrays and raw `jax.random.key_data` both round-trip bitwise);
   'data':  the input iterator's JSON state (absent when there is none);
   'meta':  JSON: a checksum of every array of 'state' and the run's config (when given).
+  `restore_latest(..., partial=True)` reads only the subtrees of 'state' the target names (e.g.
+  {'ema_params': ...} for sampling and evaluation: the optimizer state is not read).
 
 Usage (every process calls every function; Orbax coordinates multi-host writes):
   mngr = create_manager(workdir + "/checkpoints", max_to_keep=3, async_save=True)
   restored = restore_latest(mngr, abstract_or_concrete_state)  # (state, data_state, step) or None
+  ema = restore_latest(mngr, {"ema_params": abstract_ema}, partial=True)[0]["ema_params"]
   save(mngr, step, state, data_state=iterator_state)
   wait(mngr)                                                     # before exiting
 
@@ -18,10 +21,11 @@ Robustness:
     its last good checkpoint with NaNs.
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
     or truncated file, an array whose checksum differs from the one written at save -- bytes
-    damaged without changing the file size --, or non-finite values) is logged, moved aside to `<step>.corrupt-<time>` (kept for inspection,
-    and training can write that step again; read-only managers move nothing), and the previous
-    one is used. If every checkpoint fails, it raises `CheckpointRestoreError` naming the
-    directory and each step's error.
+    damaged without changing the file size --, or non-finite values) is logged and the previous
+    one is used. The training run (which passes `set_aside_unreadable=True`) moves it aside to
+    `<step>.corrupt-<time>` (kept for inspection) so that it can write that step again; readers
+    (sampling, evaluation) move nothing. If every checkpoint fails, it raises
+    `CheckpointRestoreError` naming the directory and each step's error.
   * Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` directories: Orbax never lists them
     as steps, and a writing manager deletes them when created.
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
@@ -35,7 +39,6 @@ import re
 import signal
 import threading
 import time
-import weakref
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -54,8 +57,6 @@ META_ITEM = "meta"
 # Step directories are plain integers ('1000'), Orbax's standard naming.
 _NAME_FORMAT = ocp.path.step.standard_name_format()
 _CORRUPT_MARK = ".corrupt-"
-# Managers made by create_manager(read_only=True) (Orbax keeps its options private).
-_READ_ONLY = weakref.WeakSet()
 
 
 class CheckpointRestoreError(UserError, RuntimeError):
@@ -121,13 +122,10 @@ def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool =
       cleanup_tmp_directories=not read_only,
       step_name_format=_NAME_FORMAT,
   )
-  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
               DATA_ITEM: ocp.JsonCheckpointHandler(),
               META_ITEM: ocp.JsonCheckpointHandler()}
-  mngr = ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
-  if read_only:
-    _READ_ONLY.add(mngr)
-  return mngr
+  return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -314,17 +312,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     force: save even if the manager's save policy would skip this step.
     config: the run's config as a JSON-serialisable dict, recorded in the 'meta' item.
   Returns:
-    Whether a checkpoint was written (False if `step` is already saved: it is not overwritten).
+    Whether a checkpoint was written (False if `step` is already saved: it is not overwritten;
+    False too for a read-only manager, which Orbax never lets write).
   Raises:
     NonFiniteStateError: a floating leaf holds NaN/Inf (names the leaves; nothing written).
-    ValueError: `step` is not a non-negative int, `data_state` is not JSON-serialisable or
-      differs between processes, or the manager is read-only.
+    ValueError: `step` is not a non-negative int, or `data_state` is not JSON-serialisable or
+      differs between processes.
   """
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
   step = int(step)
-  if mngr in _READ_ONLY:
-    raise ValueError(f"cannot save step {step}: the manager of {mngr.directory} is read-only")
   bad, sums = _inspect(state)
   if bad:
     raise NonFiniteStateError(f"refusing to save step {step} to {mngr.directory}: non-finite "
@@ -340,7 +337,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     logging.info("Checkpoint step %d already exists in %s: not overwriting it.", step,
                  mngr.directory)
     return False
-  items = {STATE_ITEM: ocp.args.StandardSave(state),
+  items = {STATE_ITEM: ocp.args.PyTreeSave(state),
            META_ITEM: ocp.args.JsonSave({"checksums": sums, "config": config})}
   if data_state is not None:
     items[DATA_ITEM] = ocp.args.JsonSave(data_state)
@@ -359,7 +356,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
 
 
 def _restore_target(abstract_state):
-  """The `StandardRestore` target: ShapeDtypeStructs (with sharding) for arrays."""
+  """The `PyTreeRestore` target: ShapeDtypeStructs (with sharding) for arrays."""
   def leaf(x):
     if isinstance(x, jax.Array):
       # A concrete array: restore into its shape, dtype (also PRNG key types) and sharding.
@@ -390,8 +387,9 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
   mngr.reload()
 
 
-def restore_latest(mngr: ocp.CheckpointManager,
-                   abstract_state: Any) -> Optional[Tuple[Any, Optional[dict], int]]:
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bool = False,
+                   set_aside_unreadable: bool = False
+                   ) -> Optional[Tuple[Any, Optional[dict], int]]:
   """Restores the newest checkpoint that can be read, falling back past broken ones.
 
   Args:
@@ -399,6 +397,12 @@ def restore_latest(mngr: ocp.CheckpointManager,
     abstract_state: the target: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or a
       concrete state; arrays are restored with its structure, dtypes and shardings (numpy leaves
       come back as numpy arrays).
+    partial: the target names only some subtrees of the saved state, as a dict keyed by the
+      saved field names (e.g. {'ema_params': abstract_ema_params}); only those are read from
+      disk (Orbax partial restore) and returned in that dict.
+    set_aside_unreadable: move checkpoints newer than the restored one that failed to restore
+      to `<step>.corrupt-<time>` (for the training run, which must be able to save those steps
+      again); False leaves the directory untouched (readers of another run's checkpoints).
   Returns:
     (state, data_state, step) of the newest readable checkpoint (data_state None if none was
     saved), or None if `mngr.directory` holds no checkpoint at all.
@@ -412,10 +416,13 @@ def restore_latest(mngr: ocp.CheckpointManager,
   if not steps:
     return None
   target = _restore_target(abstract_state)
+  state_args = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=partial)
   failures = []
   for step in steps:
     step_dir = ocp.path.step.build_step_path(mngr.directory, _NAME_FORMAT, step)
-    items = {STATE_ITEM: ocp.args.StandardRestore(target)}
+    items = {STATE_ITEM: state_args}
     has_data = (step_dir / DATA_ITEM).exists()
     if has_data:
       items[DATA_ITEM] = ocp.args.JsonRestore()
@@ -438,7 +445,7 @@ def restore_latest(mngr: ocp.CheckpointManager,
       failures.append((step, reason))
       continue
     if failures:
-      if mngr not in _READ_ONLY:
+      if set_aside_unreadable:
         _quarantine(mngr, [s for s, _ in failures])
       logging.warning("Restored checkpoint step %d from %s after skipping unreadable step(s) %s.",
                       step, mngr.directory, ", ".join(str(s) for s, _ in failures))
@@ -481,12 +488,6 @@ def _shorten(text: str, limit: int = 600) -> str:
 # Preemption.
 
 
-def _jax_preemption_service_active() -> bool:
-  """Whether jax.distributed started JAX's preemption sync manager (it owns SIGTERM then)."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
-
-
 class PreemptionHandler:
   """SIGTERM/SIGINT -> "save and exit at the next step boundary".
 
@@ -504,18 +505,14 @@ class PreemptionHandler:
       own notifier, which propagates the notice to all processes; SIGINT is forwarded to it as a
       SIGTERM. `requested(step)` is `multihost_utils.reached_preemption_sync_point(step)`: every
       process gets True at the same step, without a device synchronisation.
-    * Otherwise, every `sync_every` steps the processes all-gather their flags and stop if any
+    * Otherwise, at every step the processes all-gather their flags and stop if any
       process received a signal.
   A second SIGINT while a stop is pending raises KeyboardInterrupt (the usual Ctrl-C twice).
   Closing restores the previous handlers. Handlers can only be installed from the main thread.
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
-               sync_every: int = 1):
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-      raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self._signals = tuple(signals)
-    self._sync_every = sync_every
     self._previous = {}
     self._received = None
     self._installed = False
@@ -535,7 +532,9 @@ class PreemptionHandler:
       raise RuntimeError("PreemptionHandler must be installed from the main thread (Python "
                          "only delivers signals there)")
     self._multiprocess = jax.process_count() > 1
-    self._use_jax_service = self._multiprocess and _jax_preemption_service_active()
+    # jax.distributed.initialize starts JAX's preemption sync manager (which then owns SIGTERM)
+    # when this flag is set, as it is by default.
+    self._use_jax_service = self._multiprocess and bool(jax.config.jax_enable_preemption_service)
     for sig in self._signals:
       if self._use_jax_service and sig == signal.SIGTERM:
         continue  # JAX's C++ notifier handles SIGTERM; a Python handler would replace it.
@@ -544,7 +543,7 @@ class PreemptionHandler:
     if self._multiprocess:
       logging.info("Preemption: %s.", "JAX preemption sync point (SIGINT forwarded as SIGTERM)"
                    if self._use_jax_service else
-                   f"all-process flag agreement every {self._sync_every} step(s)")
+                   "all-process flag agreement at every step")
     return self
 
   def close(self) -> None:
@@ -586,10 +585,8 @@ class PreemptionHandler:
                          "> 1, so that all processes stop at the same step")
       if self._use_jax_service:
         stop = multihost_utils.reached_preemption_sync_point(int(step))
-      elif int(step) % self._sync_every == 0:
-        stop = not _all_processes_agree(self._received is None)
       else:
-        stop = False
+        stop = not _all_processes_agree(self._received is None)
     if stop and not self._reported:
       self._reported = True
       name = (signal.Signals(self._received).name if self._received is not None else

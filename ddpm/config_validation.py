@@ -36,6 +36,8 @@ CHOICES = {
     "sampling.spacing": sampling.SPACINGS,
     "eval.feature_extractor": fid.FEATURE_EXTRACTORS,
     "model.name": models.MODEL_NAMES,
+    "model.timestep_embedding": models.unet.TIMESTEP_EMBEDDINGS,
+    "model.downsample_padding": tuple(models.unet.DOWNSAMPLE_PADDINGS),
     "data.channels": input_pipeline.CHANNELS,
 }
 # Keys a config may add on top of the defaults (free-form groups).
@@ -148,6 +150,7 @@ def validate_config(config: ml_collections.ConfigDict,
     _require(r in resolutions, "model.attn_resolutions",
              f"{r} is not one of the U-Net's resolutions {resolutions}")
   _require(m.ch > 0, "model.ch", f"must be positive, got {m.ch}")
+  _require(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
   _require(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   _require(0.0 <= m.class_dropout < 1.0, "model.class_dropout",
@@ -192,6 +195,8 @@ def validate_config(config: ml_collections.ConfigDict,
   _require(s.guidance_scale == 0 or d.num_classes > 0, "sampling.guidance_scale",
            "classifier-free guidance needs a class-conditional model (data.num_classes > 0)")
   _require(e.num_samples >= 0, "eval.num_samples", "must be >= 0")
+  _require(e.reference_num_images >= 0, "eval.reference_num_images",
+           "must be >= 0 (0 = the whole training split)")
   _require(e.bpd_num_images >= 0, "eval.bpd_num_images", "must be >= 0")
   _require(e.batch_size > 0, "eval.batch_size", "must be positive")
 

@@ -44,6 +44,14 @@ def get_config():
   model.remat = False              # nn.remat the residual blocks (memory for compute)
   model.cpu_kernels = True         # on CPU: XLA:CPU-tuned layers (ddpm/models/cpu_ops.py), same
                                    # parameters and values; ignored on GPU / TPU
+  # Details in which improved-diffusion's UNetModel differs from DDPM's U-Net (the defaults are
+  # DDPM's; configs/cifar10_improved.py sets improved-diffusion's, to load its checkpoints):
+  model.rescale_timesteps = False  # True: the network sees t * 1000 / diffusion.num_timesteps
+  model.timestep_embedding = "ddpm"  # ddpm: [sin, cos], freqs exp(-ln(1e4) i / (dim/2 - 1));
+                                     # adm: [cos, sin], freqs exp(-ln(1e4) i / (dim/2))
+  model.norm_eps = 1e-6            # GroupNorm epsilon: 1e-6 in DDPM's TF code, 1e-5 in torch
+  model.downsample_padding = "same"  # stride-2 conv: same = TF's (0 before, 1 after);
+                                     # symmetric = 1 on each side (torch padding=1)
 
   # ---- diffusion --------------------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -97,6 +105,8 @@ def get_config():
   # ---- evaluation -------------------------------------------------------------------------
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000    # samples for FID / IS
+  evaluation.reference_num_images = 0  # training images for the FID reference statistics
+                                       # (0 = the whole training split)
   evaluation.bpd_num_images = 256  # test images for bits/dim (full T-step bound)
   evaluation.batch_size = 64
   evaluation.feature_extractor = "inception"  # inception | none

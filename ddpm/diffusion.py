@@ -9,14 +9,15 @@ naming. Conventions:
     `self.timestep_map[t]`, so after respacing the network still sees its training indices;
   * per-example coefficients come back shaped [B, 1, 1, 1] and broadcast against x.
 
-`GaussianDiffusion` is immutable and a JAX pytree (coefficient arrays are leaves, the
-configuration is static), so it can be closed over by jitted code or passed to it as an argument.
-All coefficients are computed in float64 numpy and stored as float32 jnp arrays.
+`GaussianDiffusion.create(betas, ...)` builds one. It is an immutable `flax.struct.dataclass`:
+a JAX pytree whose leaves are the coefficient arrays, with the configuration and the float64
+schedule as static fields, so it can be closed over by jitted code or passed to it as an
+argument. All coefficients are computed in float64 numpy and stored as float32 jnp arrays.
 """
-import dataclasses
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,57 +33,22 @@ LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs a varian
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-# Coefficient arrays (all float32 [T]) plus the int32 [T] timestep_map: the pytree leaves.
-_ARRAY_FIELDS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "alphas_cumprod_next",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "log_betas",
-    "fixed_large_variance",
-    "fixed_large_log_variance",
-    "snr",
-    "loss_weight",
-    "timestep_map",
-)
-_STATIC_FIELDS = ("model_mean_type", "model_var_type", "loss_type", "hybrid_lambda",
-                  "min_snr_gamma", "num_timesteps")
-
-
-class _HostArray:
-  """A read-only numpy array usable as hashable pytree aux data (compared by value)."""
-  __slots__ = ("array", "_hash")
-
-  def __init__(self, array):
-    self.array = np.array(array)
-    self.array.setflags(write=False)
-    self._hash = hash((self.array.dtype.str, self.array.tobytes()))
-
-  def __eq__(self, other):
-    return (isinstance(other, _HostArray) and self.array.dtype == other.array.dtype
-            and np.array_equal(self.array, other.array))
-
-  def __hash__(self):
-    return self._hash
-
 
 def _check_choice(value, choices, what):
   if value not in choices:
     raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
 
 
-@jax.tree_util.register_pytree_node_class
+_STATIC = dict(pytree_node=False)
+
+
+@flax.struct.dataclass(eq=False)  # compared by identity, as the arrays have no single truth value
 class GaussianDiffusion:
   """Coefficients and maths of one Gaussian diffusion process (immutable; a pytree).
+
+  Build it with `GaussianDiffusion.create(betas, ...)` (or `from_config`). The coefficient
+  arrays are the pytree's leaves; the configuration and the float64 schedule are static (as
+  tuples, so that jit can hash them), so it can be closed over by jitted code or passed to it.
 
   Attributes (float32 [T] unless noted), named as in improved-diffusion:
     betas, alphas_cumprod (alpha_bar_t), alphas_cumprod_prev (alpha_bar_{t-1}, 1 at t=0),
@@ -97,11 +63,39 @@ class GaussianDiffusion:
     num_timesteps (int), model_mean_type, model_var_type, loss_type, hybrid_lambda,
     min_snr_gamma.
   """
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  alphas_cumprod_next: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  log_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+  log_betas: jax.Array
+  fixed_large_variance: jax.Array
+  fixed_large_log_variance: jax.Array
+  snr: jax.Array
+  loss_weight: jax.Array
+  timestep_map: jax.Array  # int32 [T]
+  model_mean_type: str = flax.struct.field(**_STATIC)
+  model_var_type: str = flax.struct.field(**_STATIC)
+  loss_type: str = flax.struct.field(**_STATIC)
+  hybrid_lambda: float = flax.struct.field(**_STATIC)
+  min_snr_gamma: float = flax.struct.field(**_STATIC)
+  num_timesteps: int = flax.struct.field(**_STATIC)
+  betas64: Tuple[float, ...] = flax.struct.field(**_STATIC)      # the schedule, exact float64
+  timestep_map64: Tuple[int, ...] = flax.struct.field(**_STATIC)  # timestep_map on the host
 
-  def __init__(self, betas, model_mean_type: str = "eps", model_var_type: str = "fixed_large",
-               loss_type: str = "mse", hybrid_lambda: float = 0.001, min_snr_gamma: float = 0.0,
-               timestep_map: Optional[Sequence[int]] = None):
-    """Builds the coefficients.
+  @classmethod
+  def create(cls, betas, model_mean_type: str = "eps", model_var_type: str = "fixed_large",
+             loss_type: str = "mse", hybrid_lambda: float = 0.001, min_snr_gamma: float = 0.0,
+             timestep_map: Optional[Sequence[int]] = None) -> "GaussianDiffusion":
+    """Builds the coefficients (in float64 numpy, stored as float32 arrays).
 
     Args:
       betas: the schedule, [T] in (0, 1] (e.g. from `schedules.get_beta_schedule`).
@@ -150,25 +144,12 @@ class GaussianDiffusion:
                          f"shape {tmap.shape} dtype {tmap.dtype}")
 
     coefs = _coefficients(betas64, model_mean_type, min_snr_gamma)
-    for name in _ARRAY_FIELDS[:-1]:
-      object.__setattr__(self, name, jnp.asarray(coefs[name], dtype=jnp.float32))
-    object.__setattr__(self, "timestep_map", jnp.asarray(tmap, dtype=jnp.int32))
-    object.__setattr__(self, "model_mean_type", model_mean_type)
-    object.__setattr__(self, "model_var_type", model_var_type)
-    object.__setattr__(self, "loss_type", loss_type)
-    object.__setattr__(self, "hybrid_lambda", hybrid_lambda)
-    object.__setattr__(self, "min_snr_gamma", min_snr_gamma)
-    object.__setattr__(self, "num_timesteps", num_timesteps)
-    object.__setattr__(self, "_betas64", _HostArray(betas64))
-    object.__setattr__(self, "_timestep_map_host", _HostArray(tmap.astype(np.int64)))
-
-  # ---- immutability and pytree ------------------------------------------------------------
-
-  def __setattr__(self, name, value):
-    raise dataclasses.FrozenInstanceError(f"GaussianDiffusion is immutable: cannot set {name!r}")
-
-  def __delattr__(self, name):
-    raise dataclasses.FrozenInstanceError(f"GaussianDiffusion is immutable: cannot delete {name!r}")
+    arrays = {name: jnp.asarray(value, dtype=jnp.float32) for name, value in coefs.items()}
+    return cls(**arrays, timestep_map=jnp.asarray(tmap, dtype=jnp.int32),
+               model_mean_type=model_mean_type, model_var_type=model_var_type,
+               loss_type=loss_type, hybrid_lambda=hybrid_lambda, min_snr_gamma=min_snr_gamma,
+               num_timesteps=num_timesteps, betas64=tuple(float(b) for b in betas64),
+               timestep_map64=tuple(int(i) for i in tmap))
 
   def __repr__(self):
     return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, model_mean_type="
@@ -176,28 +157,12 @@ class GaussianDiffusion:
             f"{self.loss_type!r}, hybrid_lambda={self.hybrid_lambda}, "
             f"min_snr_gamma={self.min_snr_gamma})")
 
-  def tree_flatten(self):
-    children = tuple(getattr(self, name) for name in _ARRAY_FIELDS)
-    aux = (tuple(getattr(self, name) for name in _STATIC_FIELDS), self._betas64,
-           self._timestep_map_host)
-    return children, aux
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)
-    static, betas64, tmap = aux
-    for name, value in zip(_ARRAY_FIELDS, children):
-      object.__setattr__(obj, name, value)
-    for name, value in zip(_STATIC_FIELDS, static):
-      object.__setattr__(obj, name, value)
-    object.__setattr__(obj, "_betas64", betas64)
-    object.__setattr__(obj, "_timestep_map_host", tmap)
-    return obj
-
   @property
   def betas_float64(self) -> np.ndarray:
     """The schedule in float64 (read-only numpy [T]), e.g. for exact host-side maths."""
-    return self._betas64.array
+    out = np.asarray(self.betas64, dtype=np.float64)
+    out.setflags(write=False)
+    return out
 
   @property
   def learns_sigma(self) -> bool:
@@ -526,9 +491,9 @@ class GaussianDiffusion:
     alphas_cumprod = np.cumprod(1.0 - self.betas_float64)[kept]
     prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
     new_betas = 1.0 - alphas_cumprod / prev
-    return GaussianDiffusion(new_betas, self.model_mean_type, self.model_var_type,
-                             self.loss_type, self.hybrid_lambda, self.min_snr_gamma,
-                             timestep_map=self._timestep_map_host.array[kept])
+    return GaussianDiffusion.create(new_betas, self.model_mean_type, self.model_var_type,
+                                    self.loss_type, self.hybrid_lambda, self.min_snr_gamma,
+                                    timestep_map=np.asarray(self.timestep_map64)[kept])
 
 
 def _x0_unrecoverable(betas: np.ndarray) -> bool:
@@ -655,6 +620,6 @@ def from_config(config) -> GaussianDiffusion:
   """Builds the diffusion of `config.diffusion` (or of a diffusion group passed directly)."""
   cfg = config.diffusion if hasattr(config, "diffusion") else config
   betas = schedules.get_beta_schedule(cfg.beta_schedule, cfg.num_timesteps)
-  return GaussianDiffusion(betas, model_mean_type=cfg.model_mean_type,
-                           model_var_type=cfg.model_var_type, loss_type=cfg.loss_type,
-                           hybrid_lambda=cfg.hybrid_lambda, min_snr_gamma=cfg.min_snr_gamma)
+  return GaussianDiffusion.create(betas, model_mean_type=cfg.model_mean_type,
+                                  model_var_type=cfg.model_var_type, loss_type=cfg.loss_type,
+                                  hybrid_lambda=cfg.hybrid_lambda, min_snr_gamma=cfg.min_snr_gamma)

@@ -3,14 +3,16 @@
   --mode=sample  workdir/samples/samples_<step>.npz (key 'images', uint8 NHWC), a PNG grid
                  samples_<step>.png and the denoising progression progression_<step>.gif
   --mode=eval    bits/dim of the test split with the full T-step bound (Ho et al. eq. 5 in bits
-                 per dimension), FID and IS of eval.num_samples EMA samples against the dataset's
-                 cached reference statistics, to workdir/eval/eval_<step>.json and TensorBoard.
+                 per dimension), FID and IS of eval.num_samples EMA samples against the cached
+                 reference statistics of eval.reference_num_images training images (0: all),
+                 to workdir/eval/eval_<step>.json and TensorBoard.
 
 FID samples are generated in rounds saved as workdir/eval/samples_<step>/round_<i>.npz, so a
 preempted evaluation resumes where it stopped. Everything uses the EMA parameters of the newest
 complete checkpoint.
 """
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -27,7 +29,10 @@ from jax.sharding import PartitionSpec as P
 from ddpm import checkpointing
 from ddpm import config_validation
 from ddpm import experiment
+from ddpm import fid
 from ddpm import images
+from ddpm import inception
+from ddpm import input_pipeline
 from ddpm import models
 from ddpm import sampling
 
@@ -64,19 +69,23 @@ def _sample_rng(config, step: int, purpose: int):
 
 
 def load_ema_params(config, workdir: str):
-  """(EMA params replicated over all devices, step) of the newest complete checkpoint."""
-  mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
+  """(EMA params replicated over all devices, step) of the newest complete checkpoint.
+
+  Only the EMA parameters are read from disk (Orbax partial restore): not the parameters or the
+  optimizer state, which together are twice the size for Adam.
+  """
+  mesh, model, diffusion, _, init_fn = experiment.setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
     raise checkpointing.NoCheckpointError(f"no checkpoint in {ckpt_dir}: train first with "
                                           f"--mode=train --workdir={workdir}")
   replicated = NamedSharding(mesh, P())
+  shapes = jax.eval_shape(init_fn, experiment.initial_rng(config)).ema_params  # no allocation
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(init_fn, experiment.initial_rng(config)))
+                          shapes)
   mngr = checkpointing.create_manager(ckpt_dir, read_only=True)
-  restored = checkpointing.restore_latest(mngr, abstract)
-  state, _, step = restored
-  return state.ema_params, int(step), (mesh, model, diffusion)
+  restored, _, step = checkpointing.restore_latest(mngr, {"ema_params": abstract}, partial=True)
+  return restored["ema_params"], int(step), (mesh, model, diffusion)
 
 
 def generate(config, params, mesh, model, diffusion, num: int, rng, batch_size: int,
@@ -221,20 +230,46 @@ def compute_bpd(config, params, mesh, model, diffusion, test_images: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # FID / IS
 # ---------------------------------------------------------------------------------------------
-def reference_statistics(config, features_fn, dataset) -> Tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) of the training images' features, computed once and cached on disk."""
-  from ddpm import fid
+def _preprocessing_fingerprint() -> str:
+  """SHA-256 of the code that turns dataset records into Inception inputs: the input pipeline
+  (decoding, crops, resizing, per-dataset specs) and `inception.preprocess`. Any edit there
+  gives new reference statistics (recomputed once) rather than possibly stale ones."""
+  source = inspect.getsource(input_pipeline) + inspect.getsource(inception.preprocess)
+  return hashlib.sha256(source.encode()).hexdigest()
+
+
+def reference_statistics_path(config, num_images: int, weights_sha256: str,
+                              cache_dir: str = REFERENCE_CACHE_DIR) -> str:
+  """The cache file of the reference statistics of `num_images` training images.
+
+  Its name hashes everything the statistics depend on: the data settings, the number of images,
+  the Inception weights file's SHA-256 and the preprocessing code, so changed weights or
+  preprocessing never reuse stale statistics.
+  """
   d = config.data
   key = json.dumps([d.dataset, d.path, d.tfds_data_dir, d.image_size, d.channels,
-                    config.eval.feature_extractor, config.eval.inception_weights,
-                    config.eval.num_samples], sort_keys=True)
-  name = f"{d.dataset.replace('/', '_')}_{d.image_size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-  path = os.path.join(REFERENCE_CACHE_DIR, name + ".npz")
+                    config.eval.feature_extractor, int(num_images), weights_sha256,
+                    _preprocessing_fingerprint()], sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, f"{d.dataset.replace('/', '_')}_{d.image_size}_{digest}.npz")
+
+
+def reference_statistics(config, features_fn, dataset, cache_dir: str = REFERENCE_CACHE_DIR
+                         ) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of the training images' features, computed once and cached on disk.
+
+  Uses eval.reference_num_images training images (0: the whole training split), a fixed
+  seed-independent random subset, with the Inception weights of eval.inception_weights.
+  """
+  num = config.eval.reference_num_images or dataset.info["num_train"]
+  weights = inception.get_weights_path(config.eval.inception_weights)
+  path = reference_statistics_path(config, num, inception.sha256_of_file(weights), cache_dir)
   if os.path.exists(path):
     logging.info("Reference statistics from cache %s", path)
     return fid.load_statistics(path)
+  logging.info("Reference statistics of %d training images (once; cached in %s).", num, path)
   feats, _ = fid.features_in_batches(
-      features_fn, dataset.iter_reference_images(config.eval.num_samples, config.eval.batch_size))
+      features_fn, dataset.iter_reference_images(num, config.eval.batch_size))
   mu, sigma = fid.compute_statistics(feats)
   if jax.process_index() == 0:
     fid.save_statistics(path, mu, sigma)
@@ -277,7 +312,6 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
   Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
   """
   config_validation.validate_config(config, num_devices=jax.device_count())
-  from ddpm import fid, input_pipeline
   params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   dataset = input_pipeline.create_datasets(config, seed=config.seed)
   results: Dict[str, float] = {"step": step}

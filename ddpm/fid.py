@@ -244,8 +244,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, float]:
   """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean and std over splits.
 
-  As in the reference code, the images are cut into `num_splits` consecutive parts, p(y) is the
-  mean prediction of each part, and the score's mean and standard deviation over parts returned.
+  As in the reference code, the images are cut into `num_splits` consecutive parts (part i is
+  images [i * N // num_splits, (i + 1) * N // num_splits)), p(y) is the mean prediction of each
+  part, and the score's mean and standard deviation over parts returned.
 
   Args:
     logits: [N, K] unnormalised log-probabilities of the classifier.
@@ -259,8 +260,9 @@ def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, fl
   if not 1 <= num_splits <= logits.shape[0]:
     raise ValueError(f"num_splits must be in [1, N={logits.shape[0]}], got {num_splits}")
   log_p = scipy.special.log_softmax(logits, axis=1)                       # log p(y|x)
-  scores = []
-  for part in np.array_split(log_p, num_splits):
+  n, scores = log_p.shape[0], []
+  for i in range(num_splits):
+    part = log_p[i * n // num_splits:(i + 1) * n // num_splits]
     log_py = scipy.special.logsumexp(part, axis=0) - np.log(part.shape[0])  # log p(y)
     kl = np.sum(np.exp(part) * (part - log_py), axis=1)                     # KL per image
     scores.append(np.exp(np.mean(kl)))

@@ -35,9 +35,9 @@ Datasets (`config.data.dataset`):
 
 Other keys: data.num_workers > 0 decodes in that many grain worker processes (the main module
 then needs an `if __name__ == "__main__":` guard, as with any spawned multiprocessing);
-data.prefetch is the `size` to pass to `prefetch.prefetch_to_mesh` (ddpm/prefetch.py). There is no shuffle-buffer size:
-grain shuffles globally by index (an exact uniform permutation per epoch), which a shuffle
-buffer only approximates.
+data.prefetch is the `size` to pass to `prefetch.prefetch_to_mesh` (ddpm/prefetch.py). There is
+no shuffle-buffer size: grain shuffles globally by index (an exact uniform permutation per
+epoch), which a shuffle buffer only approximates.
 """
 import concurrent.futures
 import dataclasses

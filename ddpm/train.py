@@ -214,7 +214,7 @@ def _format_eta(seconds: float) -> str:
 def restore_or_init(config, workdir: str, init_fn, mngr):
   """Newest complete checkpoint of workdir (state, data_state, step), else a fresh state."""
   state = init_fn(experiment.initial_rng(config))
-  restored = checkpointing.restore_latest(mngr, state)
+  restored = checkpointing.restore_latest(mngr, state, set_aside_unreadable=True)
   if restored is None:
     logging.info("No checkpoint in %s: starting from scratch.", mngr.directory)
     return state, None, 0

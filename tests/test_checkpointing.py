@@ -94,6 +94,22 @@ def test_round_trip_is_bitwise(tmp_path, states):
   checkpointing.wait(mngr)
 
 
+def test_partial_restore_reads_only_the_named_subtree(tmp_path, states):
+  """Sampling and evaluation restore {'ema_params': ...} only: no parameters, no Adam moments."""
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 5, states[1], data_state={"position": 3})
+  checkpointing.save(mngr, 6, states[2])
+  reader = checkpointing.create_manager(tmp_path, read_only=True)
+  target = {"ema_params": _abstract(states[3].ema_params)}
+  got, _, step = checkpointing.restore_latest(reader, target, partial=True)
+  assert step == 6
+  assert list(got) == ["ema_params"]  # no params, opt_state, rng or sampler state
+  _assert_bitwise_equal(got["ema_params"], states[2].ema_params)
+  # Without partial=True a target missing fields is a structure mismatch, as before.
+  with pytest.raises(checkpointing.CheckpointRestoreError, match="structure"):
+    checkpointing.restore_latest(reader, target)
+
+
 def test_without_data_state(tmp_path, states):
   mngr = checkpointing.create_manager(tmp_path, async_save=False)
   checkpointing.save(mngr, 3, states[1])
@@ -176,7 +192,8 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, states, caplog, corrupt
   corrupt(_step_dir(tmp_path, 20))
   mngr = checkpointing.create_manager(tmp_path)
   with caplog.at_level(logging.WARNING):
-    state, data_state, step = checkpointing.restore_latest(mngr, states[3])
+    state, data_state, step = checkpointing.restore_latest(mngr, states[3],
+                                                           set_aside_unreadable=True)
   assert (step, data_state) == (10, {"at": 10})
   _assert_bitwise_equal(state, states[1])
   assert _step_dir(tmp_path, 20) in caplog.text
@@ -214,7 +231,7 @@ def test_same_size_byte_damage_is_detected_and_previous_used(tmp_path, caplog):
   assert not np.array_equal(raw["w"], saved[20]["w"])
   with caplog.at_level(logging.WARNING):
     state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
-                                                  _abstract(saved[10]))
+                                                  _abstract(saved[10]), set_aside_unreadable=True)
   assert step == 10
   _assert_bitwise_equal(state, saved[10])
   assert "checksum mismatch in w" in caplog.text and _step_dir(tmp_path, 20) in caplog.text
@@ -226,7 +243,7 @@ def test_restored_non_finite_state_is_refused(tmp_path, states, caplog):
   checkpointing.save(mngr, 1, states[1])
   # A checkpoint of an older version (no checksums) that holds an Inf: `save` would refuse it.
   bad = states[2].replace(params={**states[2].params, "dense": states[2].params["dense"] * jnp.inf})
-  mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(bad)))
+  mngr.save(2, args=ocp.args.Composite(state=ocp.args.PyTreeSave(bad)))
   with caplog.at_level(logging.WARNING):
     state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
                                                   states[3])
@@ -289,8 +306,8 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, states):
   reader = checkpointing.create_manager(tmp_path, read_only=True)
   assert checkpointing.restore_latest(reader, states[2])[2] == 1
   assert tmp_dir.exists()
-  with pytest.raises(ValueError, match="read-only"):
-    checkpointing.save(reader, 3, states[3])
+  assert not checkpointing.save(reader, 3, states[3])  # Orbax never lets a reader write
+  assert not (tmp_path / "3").exists()
   # ... while a restarted training run reclaims the space (awaited by its first save).
   mngr = checkpointing.create_manager(tmp_path, async_save=False)
   checkpointing.save(mngr, 3, states[3])
@@ -327,6 +344,21 @@ def test_bad_arguments(tmp_path, states):
   with pytest.raises(ValueError, match="JSON"):
     checkpointing.save(mngr, 1, states[1], data_state={"state": b"bytes"})
   assert checkpointing.latest_step(tmp_path) is None
+
+
+def test_data_state_must_agree_across_processes(tmp_path, states, monkeypatch):
+  """Orbax writes process 0's data_state only: a process with another one must stop the save
+  (else a resume would silently move that process's data stream). Two processes simulated:
+  the all-gather returns this process's digest and a different one."""
+  from jax.experimental import multihost_utils
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([np.asarray(x), np.asarray(x) + 1]))
+  with pytest.raises(ValueError, match="data_state differs between processes"):
+    checkpointing.save(mngr, 1, states[1], data_state={"position": 3})
+  monkeypatch.undo()
+  assert checkpointing.latest_step(tmp_path) is None  # nothing was written
 
 
 def test_restore_into_requested_shardings(tmp_path):

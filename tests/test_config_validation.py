@@ -26,7 +26,8 @@ def test_public_contract_keys_exist():
               "diffusion.beta_schedule", "diffusion.model_mean_type", "diffusion.model_var_type",
               "diffusion.loss_type", "training.batch_size", "training.num_train_steps",
               "training.log_every", "training.checkpoint_every", "sampling.method",
-              "sampling.num_steps", "sampling.num_samples", "eval.num_samples", "seed"):
+              "sampling.num_steps", "sampling.num_samples", "eval.num_samples",
+              "eval.reference_num_images", "seed"):
     node = c
     for part in key.split("."):
       node = node[part]
@@ -97,12 +98,14 @@ def test_choice_lists_are_the_owning_modules_lists():
       "sampling.spacing": sampling.SPACINGS,
       "eval.feature_extractor": fid.FEATURE_EXTRACTORS,
       "model.name": models.MODEL_NAMES,
+      "model.timestep_embedding": models.unet.TIMESTEP_EMBEDDINGS,
       "data.channels": input_pipeline.CHANNELS,
   }
   for key, choices in owners.items():
     assert cv.CHOICES[key] is choices, key
   assert cv.CHOICES["training.compute_dtype"] == tuple(models.COMPUTE_DTYPES)
-  assert set(cv.CHOICES) == set(owners) | {"training.compute_dtype"}
+  assert cv.CHOICES["model.downsample_padding"] == tuple(models.unet.DOWNSAMPLE_PADDINGS)
+  assert set(cv.CHOICES) == set(owners) | {"training.compute_dtype", "model.downsample_padding"}
 
 
 def test_channels_must_be_grey_or_rgb_and_errors_are_user_errors():

@@ -16,7 +16,7 @@ SHAPE = (4, 8, 8, 2)   # [B, H, W, C]
 
 
 def _cosine(num_timesteps=T_SMALL, **kwargs):
-  return GaussianDiffusion(schedules.get_beta_schedule("cosine", num_timesteps), **kwargs)
+  return GaussianDiffusion.create(schedules.get_beta_schedule("cosine", num_timesteps), **kwargs)
 
 
 def _images(seed=0, shape=SHAPE):
@@ -36,7 +36,7 @@ def _np_coefs(betas):
 # ---- coefficients and published values ------------------------------------------------------
 
 def test_published_linear_posterior_variance():
-  d = GaussianDiffusion(schedules.get_beta_schedule("linear", 1000))
+  d = GaussianDiffusion.create(schedules.get_beta_schedule("linear", 1000))
   assert float(d.posterior_variance[487]) == pytest.approx(0.00979, abs=5e-6)
   assert float(d.posterior_variance[999]) == pytest.approx(0.02, abs=5e-6)
 
@@ -44,7 +44,7 @@ def test_published_linear_posterior_variance():
 @pytest.mark.parametrize("name", schedules.SCHEDULE_NAMES)
 def test_coefficients_match_numpy(name):
   betas = schedules.get_beta_schedule(name, 50)
-  d = GaussianDiffusion(betas)
+  d = GaussianDiffusion.create(betas)
   alphas, abar, abar_prev = _np_coefs(betas)
   with np.errstate(divide="ignore"):
     want = {
@@ -76,7 +76,7 @@ def test_immutable_and_validates():
   with pytest.raises(AttributeError):
     d.betas = None
   with pytest.raises(ValueError, match="betas\\[1\\]"):
-    GaussianDiffusion([0.1, 0.0, 0.2])
+    GaussianDiffusion.create([0.1, 0.0, 0.2])
   with pytest.raises(ValueError, match="'epsilon'"):
     _cosine(model_mean_type="epsilon")
   with pytest.raises(ValueError, match="'fixed'"):
@@ -117,7 +117,7 @@ def test_q_sample_moments_monte_carlo():
 def test_posterior_is_bayes_rule():
   """q(x_{t-1}|x_t,x_0) ~ q(x_t|x_{t-1}) q(x_{t-1}|x_0): product of Gaussians in x_{t-1}."""
   betas = schedules.get_beta_schedule("linear", 100)
-  d = GaussianDiffusion(betas)
+  d = GaussianDiffusion.create(betas)
   alphas, abar, abar_prev = _np_coefs(betas)
   x0, xt = _images(0), _images(1)
   t = np.array([1, 17, 50, 99])
@@ -184,24 +184,24 @@ def test_variance_types():
   t = jnp.array([0, 1, 9, 19])
   tn = np.asarray(t)
   zeros = jnp.zeros(SHAPE)
-  large = GaussianDiffusion(betas, model_var_type="fixed_large").p_mean_variance(
+  large = GaussianDiffusion.create(betas, model_var_type="fixed_large").p_mean_variance(
       lambda x_t, t: zeros, x, t)
   want_large = np.where(tn == 0, pv[1], betas[tn])
   np.testing.assert_allclose(large["variance"][:, 0, 0, 0], want_large, rtol=1e-5)
   np.testing.assert_allclose(large["log_variance"][:, 0, 0, 0], np.log(want_large), rtol=1e-5)
-  small = GaussianDiffusion(betas, model_var_type="fixed_small").p_mean_variance(
+  small = GaussianDiffusion.create(betas, model_var_type="fixed_small").p_mean_variance(
       lambda x_t, t: zeros, x, t)
   np.testing.assert_allclose(small["variance"][:, 0, 0, 0], pv[tn], rtol=1e-5, atol=1e-12)
   clipped = np.log(np.where(tn == 0, pv[1], pv[tn]))
   np.testing.assert_allclose(small["log_variance"][:, 0, 0, 0], clipped, rtol=1e-5)
   # learned_range: -1 -> log beta tilde (clipped), +1 -> log beta, 0 -> geometric mean.
-  d = GaussianDiffusion(betas, model_var_type="learned_range")
+  d = GaussianDiffusion.create(betas, model_var_type="learned_range")
   for v, want in [(-1.0, clipped), (1.0, np.log(betas[tn])),
                   (0.0, 0.5 * (clipped + np.log(betas[tn])))]:
     out = d.p_mean_variance(lambda x_t, t: jnp.concatenate([zeros, jnp.full(SHAPE, v)], -1), x, t)
     np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0], want, rtol=1e-5)
   # learned: the output is the log variance.
-  d = GaussianDiffusion(betas, model_var_type="learned")
+  d = GaussianDiffusion.create(betas, model_var_type="learned")
   out = d.p_mean_variance(lambda x_t, t: jnp.concatenate([zeros, jnp.full(SHAPE, -3.0)], -1), x, t)
   np.testing.assert_allclose(out["variance"], np.exp(-3.0), rtol=1e-6)
   with pytest.raises(ValueError, match="channels"):
@@ -237,8 +237,8 @@ def test_regression_loss_zero_for_oracle_and_matches_numpy(mean_type):
 def test_min_snr_weights(mean_type):
   gamma = 5.0
   betas = schedules.get_beta_schedule("cosine", T_SMALL)
-  d = GaussianDiffusion(betas, model_mean_type=mean_type, min_snr_gamma=gamma)
-  plain = GaussianDiffusion(betas, model_mean_type=mean_type)
+  d = GaussianDiffusion.create(betas, model_mean_type=mean_type, min_snr_gamma=gamma)
+  plain = GaussianDiffusion.create(betas, model_mean_type=mean_type)
   x0, noise = _images(0), jax.random.normal(jax.random.key(1), SHAPE)
   t = jnp.array([0, 4, 11, 18])
   fn = lambda x_t, tt: 0.5 * x_t
@@ -303,8 +303,8 @@ def test_hybrid_mean_gets_gradient_only_from_mse():
   noise = jax.random.normal(jax.random.key(5), SHAPE)
 
   def grads(loss_type, lam):
-    d = GaussianDiffusion(betas, model_var_type="learned_range", loss_type=loss_type,
-                          hybrid_lambda=lam)
+    d = GaussianDiffusion.create(betas, model_var_type="learned_range", loss_type=loss_type,
+                                 hybrid_lambda=lam)
     fn = lambda p: jnp.mean(d.training_losses(lambda x, tt: apply(p, x, tt), x0, t, None,
                                               noise=noise)["loss"])
     return jax.jit(jax.grad(fn))(params)
@@ -321,9 +321,9 @@ def test_hybrid_scale_is_lambda_times_T():
   x0, noise = _images(), jax.random.normal(jax.random.key(5), SHAPE)
   t = jnp.array([0, 3, 10, 19])
   fn = lambda x, tt: jnp.concatenate([0.5 * x, jnp.zeros(SHAPE)], -1)
-  kl = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="kl")
-  hybrid = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid",
-                             hybrid_lambda=0.25)
+  kl = GaussianDiffusion.create(betas, model_var_type="learned_range", loss_type="kl")
+  hybrid = GaussianDiffusion.create(betas, model_var_type="learned_range", loss_type="hybrid",
+                                    hybrid_lambda=0.25)
   vb = kl.training_losses(fn, x0, t, None, noise=noise)["loss"]
   out = hybrid.training_losses(fn, x0, t, None, noise=noise)
   np.testing.assert_allclose(out["vb"], 0.25 * T_SMALL * vb, rtol=1e-5)
@@ -347,7 +347,7 @@ def test_l1_and_huber_match_numpy():
 
 def test_prior_bpd_matches_numpy():
   betas = schedules.get_beta_schedule("linear", 1000)
-  d = GaussianDiffusion(betas)
+  d = GaussianDiffusion.create(betas)
   x0 = _images()
   abar_T = np.prod(1 - betas)
   m, v = np.sqrt(abar_T) * np.asarray(x0, np.float64), 1 - abar_T
@@ -392,7 +392,7 @@ def bpd_fns():
   betas = schedules.get_beta_schedule("cosine", T_SMALL)
   fns = {}
   for var_type in ("fixed_small", "fixed_large"):
-    d = GaussianDiffusion(betas, model_mean_type="x0", model_var_type=var_type)
+    d = GaussianDiffusion.create(betas, model_mean_type="x0", model_var_type=var_type)
     fns[var_type] = jax.jit(lambda x0, x0_hat, key, d=d: d.calc_bpd_loop(
         lambda x_t, t: jnp.broadcast_to(x0_hat, x_t.shape), x0, key))
   return betas, fns
@@ -419,7 +419,7 @@ def test_calc_bpd_loop_matches_numpy_bound(bpd_fns, var_type):
 def test_calc_bpd_loop_true_noise_reduces_to_prior_plus_decoder():
   """With the exact noise prediction and fixed_small, every L_{t-1} (t >= 1) vanishes."""
   betas = schedules.get_beta_schedule("cosine", T_SMALL)
-  d = GaussianDiffusion(betas, model_var_type="fixed_small")
+  d = GaussianDiffusion.create(betas, model_var_type="fixed_small")
   x0 = _images(2, (2, 4, 4, 1))
   model_fn = lambda x_t, t: d.predict_eps_from_xstart(x_t, t, x0)  # knows x_0
   out = jax.jit(lambda key: d.calc_bpd_loop(model_fn, x0, key))(jax.random.key(0))
@@ -499,7 +499,8 @@ def test_space_timesteps():
 
 
 def test_respace_all_steps_reproduces_original():
-  d = GaussianDiffusion(schedules.get_beta_schedule("linear", 1000), model_var_type="fixed_small")
+  d = GaussianDiffusion.create(schedules.get_beta_schedule("linear", 1000),
+                               model_var_type="fixed_small")
   r = d.respace(range(1000))
   for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1",
                "posterior_mean_coef2", "sqrt_recipm1_alphas_cumprod"):
@@ -509,7 +510,7 @@ def test_respace_all_steps_reproduces_original():
 
 def test_respace_ddim10_and_model_sees_original_timesteps():
   betas = schedules.get_beta_schedule("linear", 1000)
-  d = GaussianDiffusion(betas, model_var_type="fixed_small")
+  d = GaussianDiffusion.create(betas, model_var_type="fixed_small")
   kept = diffusion.space_timesteps(1000, "ddim10")
   r = diffusion.respace(d, kept)
   assert r.num_timesteps == 10 and r.model_var_type == "fixed_small"
@@ -549,14 +550,14 @@ def test_eps_model_with_zero_alpha_bar_refuses_the_bound():
   # 'jsd' ends with beta = 1: x_T is pure noise and an eps-model cannot give x_0 there.
   betas = schedules.get_beta_schedule("jsd", T_SMALL)
   with pytest.raises(ValueError, match="alpha_bar = 0"):
-    GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid")
+    GaussianDiffusion.create(betas, model_var_type="learned_range", loss_type="hybrid")
   with pytest.raises(ValueError, match="alpha_bar = 0"):
-    GaussianDiffusion(betas, loss_type="kl")
+    GaussianDiffusion.create(betas, loss_type="kl")
   with pytest.raises(ValueError, match="calc_bpd_loop"):
-    GaussianDiffusion(betas).calc_bpd_loop(lambda x, t: x, _images(), jax.random.key(0))
+    GaussianDiffusion.create(betas).calc_bpd_loop(lambda x, t: x, _images(), jax.random.key(0))
   # The x0 and v parameterisations are fine there.
-  d = GaussianDiffusion(betas, model_mean_type="v", model_var_type="learned_range",
-                        loss_type="hybrid")
+  d = GaussianDiffusion.create(betas, model_mean_type="v", model_var_type="learned_range",
+                               loss_type="hybrid")
   noise = jax.random.normal(jax.random.key(1), SHAPE)
   out = d.training_losses(lambda x, t: jnp.concatenate([x, x], -1), _images(),
                           jnp.full((4,), T_SMALL - 1), None, noise=noise)
@@ -569,8 +570,8 @@ def test_kl_training_loss_is_the_bound_term(bpd_fns):
   x0 = _images(0)
   x0_hat = jnp.clip(0.9 * x0 + 0.02, -1, 1)
   vb = fns["fixed_large"](x0, x0_hat, jax.random.key(0))["vb"]
-  d = GaussianDiffusion(betas, model_mean_type="x0", model_var_type="fixed_large",
-                        loss_type="kl")
+  d = GaussianDiffusion.create(betas, model_mean_type="x0", model_var_type="fixed_large",
+                               loss_type="kl")
   b = SHAPE[0]
   # Every (example, t) pair in one batch: row i * T + t.
   x_rep = jnp.repeat(x0, T_SMALL, axis=0)

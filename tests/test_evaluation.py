@@ -2,12 +2,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import tiny
-from ddpm import evaluation, train
+from ddpm import evaluation, input_pipeline, train
 
 
 def _config():
@@ -22,10 +23,27 @@ def _config():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def trained(tmp_path_factory):
   w = str(tmp_path_factory.mktemp("eval"))
-  train.train_and_evaluate(_config(), w)
-  return w
+  state = train.train_and_evaluate(_config(), w)
+  return w, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def workdir(trained):
+  return trained[0]
+
+
+def test_load_ema_params_restores_the_ema_only(trained):
+  workdir, state = trained
+  params, step, _ = evaluation.load_ema_params(_config(), workdir)
+  assert step == 2
+  assert jax.tree.structure(params) == jax.tree.structure(state.ema_params)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  # The EMA differs from the trained parameters after 2 steps: the right subtree was read.
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(state.ema_params),
+                                            jax.tree.leaves(state.params)))
 
 
 def test_sample_mode_writes_npz_grid_and_gif(workdir):
@@ -54,3 +72,38 @@ def test_eval_mode_bits_per_dim(workdir):
 def test_sample_mode_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluation.run_sampling(_config(), str(tmp_path))
+
+
+def test_reference_statistics_use_their_own_size_and_are_keyed_by_the_weights(tmp_path):
+  config = _config()
+  dataset = input_pipeline.create_datasets(config, seed=0)
+  weights = tmp_path / "weights.npz"
+  weights.write_bytes(b"first weights")
+  config.eval.inception_weights = str(weights)
+  seen = []
+
+  def features_fn(batch):  # stands in for Inception: 4 pixel values as "features"
+    seen.append(batch.shape[0])
+    return batch.reshape(batch.shape[0], -1)[:, :4].astype(np.float64), None
+
+  cache = str(tmp_path / "cache")
+  # eval.reference_num_images = 0: the whole training split, not eval.num_samples images.
+  mu, sigma = evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == dataset.info["num_train"] != config.eval.num_samples
+  whole = np.concatenate(list(dataset.iter_reference_images(dataset.info["num_train"], 512)))
+  feats = whole.reshape(whole.shape[0], -1)[:, :4].astype(np.float64)
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-10)
+  # Cached: the same settings do not compute again.
+  seen.clear()
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert seen == []
+  # Other weights (same file name) or another size: new statistics, never the cached ones.
+  weights.write_bytes(b"other weights")
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == dataset.info["num_train"]
+  seen.clear()
+  config.eval.reference_num_images = 100
+  evaluation.reference_statistics(config, features_fn, dataset, cache_dir=cache)
+  assert sum(seen) == 100
+  assert len(os.listdir(cache)) == 3

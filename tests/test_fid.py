@@ -129,6 +129,27 @@ def test_inception_score_matches_direct_formula():
   assert 1.0 <= mean <= 7.0
 
 
+def test_inception_score_splits_like_the_reference_code_when_n_is_not_a_multiple():
+  # Salimans et al.'s code takes part i = [i * N // splits, (i + 1) * N // splits): for N = 23
+  # and 4 splits the boundaries 0, 5, 11, 17, 23 (np.array_split would cut at 6, 12, 18).
+  rng = np.random.default_rng(8)
+  logits = rng.normal(scale=2, size=(23, 5))
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  scores = []
+  for lo, hi in ((0, 5), (5, 11), (11, 17), (17, 23)):
+    part = p[lo:hi]
+    py = part.mean(0)
+    scores.append(np.exp(np.mean(np.sum(part * np.log(part / py), axis=1))))
+  mean, std = fid.inception_score(logits, num_splits=4)
+  np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
+  # The split matters: np.array_split's parts give another score on these logits.
+  other = []
+  for part in np.array_split(p, 4):
+    py = part.mean(0)
+    other.append(np.exp(np.mean(np.sum(part * np.log(part / py), axis=1))))
+  assert abs(np.mean(other) - mean) > 1e-6
+
+
 def test_inception_score_rejects_bad_splits():
   with pytest.raises(ValueError, match="num_splits"):
     fid.inception_score(np.zeros((5, 3)), num_splits=6)

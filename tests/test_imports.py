@@ -19,7 +19,9 @@ def _ddpm_imports(path, modules):
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      # `from pkg import submodule` depends on the submodule; `from pkg import name` on pkg.
+      subs = [f"{node.module}.{a.name}" for a in node.names]
+      names = [n if n in modules else node.module for n in subs]
     else:
       continue
     out.update(n for n in names if n in modules)

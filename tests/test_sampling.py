@@ -39,8 +39,8 @@ def _abar64():
 
 @functools.lru_cache(maxsize=None)
 def make_diffusion(model_var_type="fixed_large", model_mean_type="eps"):
-  return diffusion_lib.GaussianDiffusion(_betas(), model_mean_type=model_mean_type,
-                                         model_var_type=model_var_type)
+  return diffusion_lib.GaussianDiffusion.create(_betas(), model_mean_type=model_mean_type,
+                                                model_var_type=model_var_type)
 
 
 @pytest.fixture(scope="module")
@@ -442,12 +442,12 @@ def test_bad_arguments(diff):
   with pytest.raises(ValueError, match="divisible"):
     sampling.make_sampler(diff, lambda p, x, t, y: x, (6, 4, 4, 1),
                           mesh=distributed.make_data_mesh())
-  jsd = diffusion_lib.GaussianDiffusion(schedules.get_beta_schedule("jsd", 10))
+  jsd = diffusion_lib.GaussianDiffusion.create(schedules.get_beta_schedule("jsd", 10))
   for method in sampling.METHODS:  # alpha_bar_T = 0: no x_0 from an eps-model, sigma = inf
     with pytest.raises(ValueError, match=r"alpha_bar > 0 .* at \[9\] of 10"):
       sampling.sample(jsd, model, shape, rng, method=method)
   with pytest.raises(ValueError, match="alpha_bar > 0"):
-    sampling.sample(diffusion_lib.GaussianDiffusion(jsd.betas_float64, model_mean_type="x0"),
+    sampling.sample(diffusion_lib.GaussianDiffusion.create(jsd.betas_float64, model_mean_type="x0"),
                     model, shape, rng, method="ddim")
 
 

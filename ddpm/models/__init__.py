@@ -52,6 +52,11 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
       dtype=COMPUTE_DTYPES[dtype_name],
       remat=m.remat,
       layers=_layers(config, jax.default_backend()),
+      # improved-diffusion's rescale_timesteps: every T looks like 1000 steps to the network.
+      timestep_scale=1000.0 / config.diffusion.num_timesteps if m.rescale_timesteps else 1.0,
+      timestep_embedding_kind=m.timestep_embedding,
+      norm_eps=m.norm_eps,
+      downsample_padding=m.downsample_padding,
   )
 
 

@@ -45,20 +45,25 @@ def default_init(scale: float = 1.0):
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
-def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal timestep embedding of the DDPM TF code (`nn.get_timestep_embedding`).
+TIMESTEP_EMBEDDINGS = ("ddpm", "adm")
 
-  Frequencies are geometric from 1 down to 1/max_period over dim // 2 channels,
-    freq_i = exp(-log(max_period) * i / (dim // 2 - 1)),  i = 0 .. dim // 2 - 1,
-  and the embedding is [sin(t * freq), cos(t * freq)] (zero-padded by one channel when dim is
-  odd), the tensor2tensor variant of the Transformer encoding (Vaswani et al. 2017, Sec. 3.5).
-  (improved-diffusion's `timestep_embedding` divides by dim // 2 instead and puts cos first;
-  we follow the DDPM code.)
+
+def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0,
+                       kind: str = "ddpm") -> Array:
+  """Sinusoidal timestep embedding, the tensor2tensor variant of the Transformer encoding
+  (Vaswani et al. 2017, Sec. 3.5), as in the DDPM TF code (`nn.get_timestep_embedding`) or in
+  improved-diffusion / ADM (`nn.timestep_embedding`).
+
+  Frequencies are geometric from 1 towards 1/max_period over dim // 2 channels:
+    kind 'ddpm': freq_i = exp(-log(max_period) * i / (dim // 2 - 1)), [sin(t freq), cos(t freq)];
+    kind 'adm':  freq_i = exp(-log(max_period) * i / (dim // 2)),     [cos(t freq), sin(t freq)];
+  i = 0 .. dim // 2 - 1, zero-padded by one channel when dim is odd.
 
   Args:
     timesteps: [B] integer or float timesteps.
     dim: embedding width, >= 4.
     max_period: the slowest period.
+    kind: 'ddpm' or 'adm'.
   Returns:
     [B, dim] float32.
   """
@@ -66,10 +71,14 @@ def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) 
     raise ValueError(f"timesteps must have shape [B], got shape {timesteps.shape}")
   if dim < 4:
     raise ValueError(f"timestep embedding dim must be >= 4, got {dim}")
+  if kind not in TIMESTEP_EMBEDDINGS:
+    raise ValueError(f"timestep embedding kind must be one of {TIMESTEP_EMBEDDINGS}, got {kind!r}")
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  denominator = half - 1 if kind == "ddpm" else half
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / denominator)
   args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  waves = [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(waves if kind == "ddpm" else waves[::-1], axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -103,10 +112,10 @@ class Layers:
   group_norm: Callable[..., nn.Module] = nn.GroupNorm            # takes nn.GroupNorm's arguments
 
   def conv(self, features: int, dtype: Dtype, name: str, *, kernel: int = 3, stride: int = 1,
-           init_scale: float = 1.0) -> nn.Conv:
+           init_scale: float = 1.0, padding: Any = "SAME") -> nn.Conv:
     # 'SAME' padding follows TF's convention (for stride 2 on even sizes: pad 0 before, 1 after),
     # as the official model did.
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                    kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
                    conv_general_dilated=self.conv_general_dilated, name=name)
 
@@ -115,9 +124,11 @@ class Layers:
     return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
                     param_dtype=jnp.float32, dot_general=self.dot_general, name=name)
 
-  def norm(self, channels: int, dtype: Dtype, name: str) -> nn.Module:
-    """GroupNorm(32) as in DDPM (see `num_groups` for narrow models), epsilon 1e-6 as in TF."""
-    return self.group_norm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+  def norm(self, channels: int, dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.Module:
+    """GroupNorm(32) as in DDPM (see `num_groups` for narrow models), epsilon 1e-6 as in TF
+    (torch's default, improved-diffusion's, is 1e-5)."""
+    return self.group_norm(num_groups=num_groups(channels), epsilon=epsilon, dtype=dtype,
+                           name=name)
 
 
 STOCK_LAYERS = Layers()
@@ -139,17 +150,30 @@ def downsample_avg(x: Array) -> Array:
   return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
+DOWNSAMPLE_PADDINGS = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}
+
+
 class Downsample(nn.Module):
-  """Halves the resolution: stride-2 3x3 conv (DDPM) or 2x2 average pooling."""
+  """Halves the resolution: stride-2 3x3 conv (DDPM) or 2x2 average pooling.
+
+  The conv's `padding`: 'same' is TF's SAME (on even sizes 0 rows before, 1 after: output i
+  sees input rows 2i .. 2i+2), as in DDPM; 'symmetric' pads 1 on each side (torch's padding=1:
+  rows 2i-1 .. 2i+1), as in improved-diffusion.
+  """
   with_conv: bool
   dtype: Dtype = jnp.float32
   layers: Layers = STOCK_LAYERS
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
     if self.with_conv:
-      return self.layers.conv(x.shape[-1], self.dtype, "conv", stride=2)(x)
+      if self.padding not in DOWNSAMPLE_PADDINGS:
+        raise ValueError(f"Downsample padding must be one of {tuple(DOWNSAMPLE_PADDINGS)}, got "
+                         f"{self.padding!r}")
+      return self.layers.conv(x.shape[-1], self.dtype, "conv", stride=2,
+                              padding=DOWNSAMPLE_PADDINGS[self.padding])(x)
     return downsample_avg(x)
 
 
@@ -184,13 +208,14 @@ class ResBlock(nn.Module):
   resample: Optional[str] = None
   dtype: Dtype = jnp.float32
   layers: Layers = STOCK_LAYERS
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
     """x: [B, H, W, C], emb: [B, E] -> [B, H', W', out_ch] (H' = 2H / H/2 when resampling)."""
     if self.resample not in (None, "up", "down"):
       raise ValueError(f"ResBlock resample must be None, 'up' or 'down', got {self.resample!r}")
-    h = nn.swish(self.layers.norm(x.shape[-1], self.dtype, "norm1")(x))
+    h = nn.swish(self.layers.norm(x.shape[-1], self.dtype, "norm1", self.norm_eps)(x))
     if self.resample is not None:
       resample = upsample_nearest if self.resample == "up" else downsample_avg
       h, x = resample(h), resample(x)
@@ -199,7 +224,7 @@ class ResBlock(nn.Module):
     emb_ch = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
     emb_out = self.layers.dense(emb_ch, self.dtype, "temb_proj")(nn.swish(emb))
     emb_out = emb_out[:, None, None, :]
-    norm2 = self.layers.norm(self.out_ch, self.dtype, "norm2")
+    norm2 = self.layers.norm(self.out_ch, self.dtype, "norm2", self.norm_eps)
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = nn.swish(norm2(h) * (1 + scale) + shift)
@@ -229,6 +254,7 @@ class AttnBlock(nn.Module):
   num_head_channels: int = -1
   dtype: Dtype = jnp.float32
   layers: Layers = STOCK_LAYERS
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -244,7 +270,7 @@ class AttnBlock(nn.Module):
       if heads < 1 or c % heads:
         raise ValueError(f"num_heads={heads} must be >= 1 and divide the {c} channels of an "
                          "attention block")
-    h = self.layers.norm(c, self.dtype, "norm")(x)
+    h = self.layers.norm(c, self.dtype, "norm", self.norm_eps)(x)
     split = lambda a: a.reshape(b, height * width, heads, c // heads)
     q = split(self.layers.dense(c, self.dtype, "q")(h))
     k = split(self.layers.dense(c, self.dtype, "k")(h))
@@ -279,6 +305,12 @@ class UNet(nn.Module):
     remat: rematerialise (nn.remat) the residual blocks, trading compute for memory.
     layers: the primitives of the layers (`Layers`): stock by default, the XLA:CPU kernels of
       `cpu_ops.LAYERS` when build_model picks them. Parameters and values do not depend on it.
+    timestep_scale: the network embeds t * timestep_scale (improved-diffusion's
+      rescale_timesteps is 1000 / T: every T looks like 1000 steps to the network).
+    timestep_embedding_kind: 'ddpm' or 'adm' (see `timestep_embedding`).
+    norm_eps: GroupNorm epsilon (1e-6 in DDPM's TF code, torch's 1e-5 in improved-diffusion).
+    downsample_padding: 'same' (TF, DDPM) or 'symmetric' (torch, improved-diffusion); see
+      `Downsample`.
   """
   ch: int
   out_ch: int
@@ -296,6 +328,10 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   layers: Layers = STOCK_LAYERS
+  timestep_scale: float = 1.0
+  timestep_embedding_kind: str = "ddpm"
+  norm_eps: float = 1e-6
+  downsample_padding: str = "same"
 
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Optional[Array] = None,
@@ -320,7 +356,8 @@ class UNet(nn.Module):
     emb_dim = 4 * self.ch
 
     # Timestep embedding -> 2-layer MLP of width 4*ch (DDPM: temb/dense0, temb/dense1).
-    emb = timestep_embedding(t, self.ch)
+    emb = timestep_embedding(t.astype(jnp.float32) * self.timestep_scale, self.ch,
+                             kind=self.timestep_embedding_kind)
     emb = self.layers.dense(emb_dim, self.dtype, "temb_dense0")(emb)
     emb = self.layers.dense(emb_dim, self.dtype, "temb_dense1")(nn.swish(emb))
     if self.num_classes > 0:
@@ -336,11 +373,11 @@ class UNet(nn.Module):
     def res_block(out_ch, name, resample=None):
       return block_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train,
                        use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
-                       dtype=self.dtype, layers=self.layers, name=name)
+                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps, name=name)
 
     def attn_block(name):
       return AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
-                       dtype=self.dtype, layers=self.layers, name=name)
+                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps, name=name)
 
     # Downsampling path: every block output is kept for the skip connections.
     hs = [self.layers.conv(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))]
@@ -355,7 +392,7 @@ class UNet(nn.Module):
           hs.append(res_block(hs[-1].shape[-1], f"down_{level}_downsample", "down")(hs[-1], emb))
         else:
           hs.append(Downsample(self.resamp_with_conv, self.dtype, self.layers,
-                               name=f"down_{level}_downsample")(hs[-1]))
+                               self.downsample_padding, name=f"down_{level}_downsample")(hs[-1]))
 
     # Middle: block, attention, block.
     h = hs[-1]
@@ -378,7 +415,7 @@ class UNet(nn.Module):
                        name=f"up_{level}_upsample")(h)
     assert not hs, "every skip connection must be consumed"
 
-    h = nn.swish(self.layers.norm(h.shape[-1], self.dtype, "norm_out")(h))
+    h = nn.swish(self.layers.norm(h.shape[-1], self.dtype, "norm_out", self.norm_eps)(h))
     out_ch = 2 * self.out_ch if self.learn_sigma else self.out_ch
     h = self.layers.conv(out_ch, self.dtype, "conv_out", init_scale=0.0)(h)
     return h.astype(jnp.float32)
