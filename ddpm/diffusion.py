@@ -9,10 +9,10 @@ naming. Conventions:
     `self.timestep_map[t]`, so after respacing the network still sees its training indices;
   * per-example coefficients come back shaped [B, 1, 1, 1] and broadcast against x.
 
-`GaussianDiffusion.create(betas, ...)` builds one. It is an immutable `flax.struct.dataclass`:
-a JAX pytree whose leaves are the coefficient arrays, with the configuration and the float64
-schedule as static fields, so it can be closed over by jitted code or passed to it as an
-argument. All coefficients are computed in float64 numpy and stored as float32 jnp arrays.
+`GaussianDiffusion(betas, ...)` (the same as `GaussianDiffusion.create(betas, ...)`) builds one.
+It is an immutable `flax.struct.dataclass`: a JAX pytree whose leaves are the coefficient
+arrays, with the configuration and the float64 schedule as static fields, so it can be closed
+over by jitted code or passed to it as an argument. All coefficients are computed in float64 numpy and stored as float32 jnp arrays.
 """
 import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -42,11 +42,23 @@ def _check_choice(value, choices, what):
 _STATIC = dict(pytree_node=False)
 
 
+class _BuildOnCall(type):
+  """Keeps `GaussianDiffusion(betas, ...)` (the public constructor) meaning
+  `GaussianDiffusion.create(betas, ...)`. The dataclass's field-by-field constructor, which JAX
+  uses to rebuild the pytree and `.replace` uses, is taken when every field comes by name."""
+
+  def __call__(cls, *args, **kwargs):
+    if args or "alphas_cumprod" not in kwargs:
+      return cls.create(*args, **kwargs)
+    return super().__call__(**kwargs)
+
+
 @flax.struct.dataclass(eq=False)  # compared by identity, as the arrays have no single truth value
-class GaussianDiffusion:
+class GaussianDiffusion(metaclass=_BuildOnCall):
   """Coefficients and maths of one Gaussian diffusion process (immutable; a pytree).
 
-  Build it with `GaussianDiffusion.create(betas, ...)` (or `from_config`). The coefficient
+  Build it with `GaussianDiffusion(betas, ...)`, the same as `GaussianDiffusion.create(betas,
+  ...)` (or with `from_config`). The coefficient
   arrays are the pytree's leaves; the configuration and the float64 schedule are static (as
   tuples, so that jit can hash them), so it can be closed over by jitted code or passed to it.
 

@@ -312,8 +312,9 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
   Writes workdir/eval/eval_<step>.json and TensorBoard scalars; returns the results.
   """
   config_validation.validate_config(config, num_devices=jax.device_count())
-  params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
+  # Data first: a dataset that is not prepared is reported before the checkpoint is read.
   dataset = input_pipeline.create_datasets(config, seed=config.seed)
+  params, step, (mesh, model, diffusion) = load_ema_params(config, workdir)
   results: Dict[str, float] = {"step": step}
   if config.eval.bpd_num_images > 0 and config.data.num_classes == 0:
     test = dataset.eval_images(config.eval.bpd_num_images)

@@ -28,7 +28,7 @@ Datasets (`config.data.dataset`):
   TFDS     see `TFDS_DATASETS` (labels where the dataset has them, else 0). Read with
            `tfds.data_source` (array_record files, random access, no TensorFlow needed):
            prepare the dataset once with
-           `tfds build <name> --file_format=array_record [--data_dir=...]`.
+           `bash scripts/prepare_data.sh <name> [--data_dir=...]`.
            mnist / fashion_mnist (28x28) are zero-padded to image_size in 29..32 (pixels stay
            exact) and resized otherwise; celeb_a gets score_sde's central 140x140 crop; every
            image is centre-cropped to a square and resized (antialiased) to image_size.
@@ -49,6 +49,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 from PIL import Image, ImageOps
+
+from ddpm.errors import UserError
 
 CHANNELS = (1, 3)  # config.data.channels: greyscale or RGB
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -318,11 +320,26 @@ def _digits_sources(image_size: int, channels: int):
           ArraySource(images[is_test], labels[is_test]))
 
 
+class DatasetNotPreparedError(UserError, FileNotFoundError):
+  """A TFDS dataset of the config has no array_record files in its data dir yet."""
+
+
+def not_prepared_message(name: str, data_dir: str, split: str, reason: str = "") -> str:
+  """One line: which dataset is missing where, and the command that prepares it."""
+  where = os.path.abspath(os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
+  reason = " ".join(reason.split())  # TFDS's messages span lines
+  if len(reason) > 300:
+    reason = reason[:300] + " ..."
+  return (f"TFDS dataset {name!r} (split {split!r}) is not prepared as array_record files in "
+          f"data.tfds_data_dir={where!r}: prepare it once with `bash scripts/prepare_data.sh "
+          f"{name} --data_dir={where}`" + (f" (TFDS said: {reason})" if reason else ""))
+
+
 def _tfds_sources(name: str, data_dir: str, image_size: int, channels: int):
   """(train, test, num_classes) for a TFDS dataset read with tfds.data_source."""
   import tensorflow_datasets as tfds
   spec = TFDS_DATASETS[name.split(":")[0]]
-  where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 
   def open_split(split):
     try:
@@ -330,17 +347,8 @@ def _tfds_sources(name: str, data_dir: str, image_size: int, channels: int):
                               download=False,
                               builder_kwargs={"file_format": "array_record"})
     except Exception as e:
-      manual = ""
-      if name.startswith("celeb_a_hq"):
-        manual = (f" {name} needs a manual download first: put the files described at "
-                  "https://www.tensorflow.org/datasets/catalog/celeb_a_hq into "
-                  f"{os.path.join(where, 'downloads', 'manual')}, then build it.")
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} (split {split!r}) is not available as array_record files in "
-          f"data.tfds_data_dir={where!r}.{manual} This pipeline reads TFDS with "
-          "tfds.data_source (no TensorFlow needed), which requires array_record files: prepare "
-          f"it once with `tfds build {name} --file_format=array_record --data_dir={where}` "
-          f"(needs internet and TensorFlow). TFDS said: {type(e).__name__}: {e}") from e
+      raise DatasetNotPreparedError(not_prepared_message(
+          name, data_dir, split, f"{type(e).__name__}: {e}")) from e
 
   train = open_split(spec.train_split)
   test = train if spec.eval_split == spec.train_split else open_split(spec.eval_split)
@@ -538,7 +546,8 @@ def create_datasets(config, seed: int = 0, process_index: Optional[int] = None,
     (num_train, num_test, num_classes, image_size, channels, dataset).
   Raises:
     ValueError: naming the bad config key (dataset, num_classes, path, ...).
-    FileNotFoundError: for a missing image folder or an unprepared TFDS dataset.
+    FileNotFoundError: for a missing image folder; DatasetNotPreparedError (a UserError and a
+      FileNotFoundError) for an unprepared TFDS dataset.
   """
   data = config.data
   process_index = jax.process_index() if process_index is None else int(process_index)

@@ -244,6 +244,8 @@ def _train(config, workdir: str) -> experiment.TrainState:
   k = t_cfg.steps_per_dispatch
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  # Data first: a dataset that is not prepared is reported before anything compiles.
+  ds = input_pipeline.create_datasets(config, seed=config.seed)
   mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   abstract_state = jax.eval_shape(init_fn, experiment.initial_rng(config))
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
@@ -264,7 +266,6 @@ def _train(config, workdir: str) -> experiment.TrainState:
     raise UserError(f"checkpoint step {step} is not a multiple of training.steps_per_dispatch="
                      f"{k}; resume with the steps_per_dispatch it was written with")
 
-  ds = input_pipeline.create_datasets(config, seed=config.seed)
   if data_state is not None:
     ds.train_iter.set_state(data_state)
   batches = prefetch.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),

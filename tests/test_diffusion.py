@@ -580,3 +580,20 @@ def test_kl_training_loss_is_the_bound_term(bpd_fns):
   loss = jax.jit(lambda key: d.training_losses(lambda x_t, t: hat_rep, x_rep, t_rep, key)["loss"])(
       jax.random.key(1))
   np.testing.assert_allclose(np.asarray(loss).reshape(b, T_SMALL), vb, rtol=1e-4, atol=1e-6)
+
+
+def test_public_constructor_builds_like_create_and_survives_pytree_round_trips():
+  """`GaussianDiffusion(betas, ...)` is the public constructor (README quickstart); JAX's
+  unflatten and `.replace` use the field-by-field one: all three give equal processes."""
+  betas = schedules.get_beta_schedule("linear", 50)
+  d = GaussianDiffusion(betas, model_mean_type="v", loss_type="l1")
+  ref = GaussianDiffusion.create(betas, model_mean_type="v", loss_type="l1")
+  leaves, treedef = jax.tree.flatten(d)
+  rebuilt = jax.tree.unflatten(treedef, leaves)
+  replaced = d.replace(loss_type="mse")
+  for other in (ref, rebuilt, replaced):
+    assert type(other) is GaussianDiffusion and other.model_mean_type == "v"
+    np.testing.assert_array_equal(other.alphas_cumprod, ref.alphas_cumprod)
+  assert (d.loss_type, rebuilt.loss_type, replaced.loss_type) == ("l1", "l1", "mse")
+  with pytest.raises(ValueError, match="model_mean_type"):
+    GaussianDiffusion(betas, model_mean_type="epsilon")

@@ -417,15 +417,6 @@ def test_tfds_other_datasets_square_crop_and_resize(name):
     assert ds.eval_images(2).shape == (2, 16, 16, 3)
 
 
-def test_tfds_missing_dataset_says_how_to_prepare_it(tmp_path):
-  config = make_config(dataset="celeb_a_hq/256", tfds_data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="manual.*tfds build celeb_a_hq/256"):
-    input_pipeline.create_datasets(config, process_index=0, process_count=1)
-  config = make_config(dataset="cifar10", tfds_data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="array_record"):
-    input_pipeline.create_datasets(config, process_index=0, process_count=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Slow: grain worker processes, and two real JAX processes.
 # ---------------------------------------------------------------------------------------------
