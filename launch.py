@@ -6,6 +6,8 @@ config (`config_validation.validate_config`) before it builds anything:
   train -> train.train_and_evaluate     sample -> evaluation.run_sampling
   eval -> evaluation.run_eval           sweep -> sweep.run_sweep
   benchmark -> benchmark.run_benchmark
+  import -> pretrained.import_checkpoint (--import_from)
+  export -> pretrained.export_checkpoint (--export_to)
 """
 import os
 import sys
@@ -13,14 +15,21 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "sweep", "benchmark")
+MODES = ("train", "sample", "eval", "sweep", "benchmark", "import", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with "
     "--config.<group>.<key>=value.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval "
+                    "results: a local folder, gs://BUCKET/path or s3://BUCKET/path.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("variant", None, "--mode=sweep: run only this named variant of the config.")
+flags.DEFINE_string("import_from", None,
+                    "--mode=import: released weights to start W/checkpoints from (a diffusers "
+                    "model folder, an improved-diffusion .pt or a TF checkpoint prefix).")
+flags.DEFINE_string("export_to", None,
+                    "--mode=export: new folder for the EMA weights of the newest checkpoint as "
+                    "a diffusers UNet2DModel (config.json + diffusion_pytorch_model.safetensors).")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process: host:port of process 0 (unset on TPU pods and under SLURM, "
                     "where jax.distributed finds it by itself).")
@@ -174,21 +183,18 @@ def _check_workdir(workdir: str, mode: str):
 
   train/sweep/benchmark write into the workdir (created if missing); sample/eval read its
   checkpoints and write to its samples/ or eval/ folder.
-  TODO(i20): replace by ddpm.workdir's check (epath, gs://) once it is on main.
+  The workdir itself (local or gs://) is checked by `ddpm.workdir.check_workdir`.
   """
+  from ddpm import workdir as workdir_lib
   from ddpm.errors import UserError
-  if "://" in workdir:
-    return  # object stores: checked when first written
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir={workdir} is a file, not a directory")
-  if mode in ("sample", "eval"):
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or _latest_step(ckpt_dir) is None:
-      raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
-                      f"--workdir={workdir}")
-    out = os.path.join(workdir, "samples" if mode == "sample" else "eval")
-  else:
-    out = workdir
+  workdir_lib.check_workdir(workdir)
+  if mode not in ("sample", "eval") or "://" in workdir:
+    return
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or _latest_step(ckpt_dir) is None:
+    raise UserError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
+                    f"--workdir={workdir}")
+  out = os.path.join(workdir, "samples" if mode == "sample" else "eval")
   try:
     os.makedirs(out, exist_ok=True)
     probe = os.path.join(out, f".write-test-{os.getpid()}")
@@ -213,6 +219,11 @@ def _recorded_config(config):
 
 
 def _run_mode(config):
+  from ddpm.errors import UserError
+  for mode, flag in (("import", "import_from"), ("export", "export_to")):
+    if (FLAGS.mode == mode) != bool(FLAGS[flag].value):
+      raise UserError(f"--mode={mode} needs --{flag}=PATH" if FLAGS.mode == mode else
+                      f"--{flag} is only used with --mode={mode}, not --mode={FLAGS.mode}")
   if FLAGS.mode == "train":
     from ddpm import train
     train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
@@ -231,6 +242,12 @@ def _run_mode(config):
   elif FLAGS.mode == "benchmark":
     from ddpm import benchmark
     benchmark.run_benchmark(config, FLAGS.workdir)
+  elif FLAGS.mode == "import":
+    from ddpm import pretrained
+    pretrained.import_checkpoint(config, FLAGS.workdir, FLAGS.import_from)
+  elif FLAGS.mode == "export":
+    from ddpm import pretrained
+    pretrained.export_checkpoint(config, FLAGS.workdir, FLAGS.export_to)
 
 
 def _stop_on_signals():

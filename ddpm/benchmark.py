@@ -23,7 +23,6 @@ Everything goes to stdout as a table and to workdir/benchmark.json.
 """
 import contextlib
 import functools
-import json
 import math
 import os
 import platform
@@ -45,6 +44,7 @@ from ddpm import distributed
 from ddpm import experiment
 from ddpm import sampling
 from ddpm import train
+from ddpm import workdir as workdir_lib
 
 TFLOPS = 1e12
 
@@ -419,7 +419,7 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
   """
   config_validation.validate_config(config, num_devices=jax.device_count())
   _check_settings(config.benchmark)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
   n_params = sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(init_fn, experiment.initial_rng(config)).params))
@@ -456,10 +456,7 @@ def run_benchmark(config, workdir: str) -> Dict[str, Any]:
 
   if jax.process_index() == 0:
     print(format_table(results), flush=True)
-    path = os.path.join(workdir, "benchmark.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = workdir_lib.write_json(workdir_lib.path(workdir, "benchmark.json"), results)
     logging.info("Wrote %s", path)
   return results
 

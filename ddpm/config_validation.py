@@ -157,7 +157,13 @@ def validate_config(config: ml_collections.ConfigDict,
            f"must be in [0, 1), got {m.class_dropout}")
   _require(m.class_dropout == 0.0 or d.num_classes > 0, "model.class_dropout",
            "classifier-free guidance needs labels: set data.num_classes > 0")
-  # Any width works for GroupNorm: the U-Net picks the groups per layer (unet.num_groups).
+  # Any width works for GroupNorm: the U-Net picks the groups per layer (unet.num_groups),
+  # unless model.norm_groups fixes them (every width is a sum of ch * mult terms).
+  _require(m.norm_groups >= 0, "model.norm_groups", f"must be >= 0, got {m.norm_groups}")
+  for mult in m.ch_mult if m.norm_groups > 0 else ():
+    _require((m.ch * mult) % m.norm_groups == 0, "model.norm_groups",
+             f"{m.norm_groups} groups do not divide the {m.ch * mult} channels of model.ch * "
+             f"{mult}")
   if m.num_head_channels > 0:
     for mult in m.ch_mult:
       _require((m.ch * mult) % m.num_head_channels == 0, "model.num_head_channels",

@@ -40,6 +40,7 @@ def get_config():
   model.num_head_channels = -1     # > 0 overrides num_heads (ADM)
   model.use_scale_shift_norm = False
   model.resblock_updown = False
+  model.norm_groups = 0            # > 0: groups of every GroupNorm; 0: 32, fewer below 64 channels
   model.class_dropout = 0.0        # label drop rate for classifier-free guidance training
   model.remat = False              # nn.remat the residual blocks (memory for compute)
   model.cpu_kernels = True         # on CPU: XLA:CPU-tuned layers (ddpm/models/cpu_ops.py), same

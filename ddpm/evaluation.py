@@ -35,6 +35,7 @@ from ddpm import inception
 from ddpm import input_pipeline
 from ddpm import models
 from ddpm import sampling
+from ddpm import workdir as workdir_lib
 
 REFERENCE_CACHE_DIR = os.path.expanduser("~/.cache/ddpm_jax/reference_stats")
 GIF_BATCH = 16
@@ -75,7 +76,7 @@ def load_ema_params(config, workdir: str):
   optimizer state, which together are twice the size for Adam.
   """
   mesh, model, diffusion, _, init_fn = experiment.setup(config)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = workdir_lib.path(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
     raise checkpointing.NoCheckpointError(f"no checkpoint in {ckpt_dir}: train first with "
                                           f"--mode=train --workdir={workdir}")
@@ -139,12 +140,11 @@ def run_sampling(config, workdir: str) -> Dict[str, str]:
 
   out = {}
   if jax.process_index() == 0:
-    sample_dir = os.path.join(workdir, "samples")
-    out["npz"] = images.save_npz(os.path.join(sample_dir, f"samples_{step}.npz"), samples,
-                                 step=step)
-    out["grid"] = images.save_grid(os.path.join(sample_dir, f"samples_{step}.png"),
+    sample_dir = workdir_lib.path(workdir, "samples")
+    out["npz"] = images.save_npz(sample_dir / f"samples_{step}.npz", samples, step=step)
+    out["grid"] = images.save_grid(sample_dir / f"samples_{step}.png",
                                    samples[:min(len(samples), 100)])
-    out["gif"] = images.save_gif(os.path.join(sample_dir, f"progression_{step}.gif"),
+    out["gif"] = images.save_gif(sample_dir / f"progression_{step}.gif",
                                  images.to_uint8(np.clip(frames, -1, 1)))
     for name, path in out.items():
       print(f"{name}: {path}", flush=True)
@@ -169,7 +169,7 @@ def make_training_sample_hook(config, workdir: str, model, diffusion, mesh):
     y = _global_labels(_labels(config, batch), mesh)
     x = _to_host(sampler(state.ema_params, _sample_rng(config, step, 2), y=y))
     if jax.process_index() == 0:
-      path = images.save_grid(os.path.join(workdir, "samples", f"ema_{step}.png"), x)
+      path = images.save_grid(workdir_lib.path(workdir, "samples", f"ema_{step}.png"), x)
       logging.info("EMA samples at step %d: %s", step, path)
   return hook
 
@@ -251,7 +251,8 @@ def reference_statistics_path(config, num_images: int, weights_sha256: str,
                     config.eval.feature_extractor, int(num_images), weights_sha256,
                     _preprocessing_fingerprint()], sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  return os.path.join(cache_dir, f"{d.dataset.replace('/', '_')}_{d.image_size}_{digest}.npz")
+  name = f"{d.dataset.replace('/', '_')}_{d.image_size}_{digest}.npz"
+  return os.fspath(workdir_lib.path(cache_dir, name))
 
 
 def reference_statistics(config, features_fn, dataset, cache_dir: str = REFERENCE_CACHE_DIR
@@ -264,7 +265,7 @@ def reference_statistics(config, features_fn, dataset, cache_dir: str = REFERENC
   num = config.eval.reference_num_images or dataset.info["num_train"]
   weights = inception.get_weights_path(config.eval.inception_weights)
   path = reference_statistics_path(config, num, inception.sha256_of_file(weights), cache_dir)
-  if os.path.exists(path):
+  if workdir_lib.exists(path):
     logging.info("Reference statistics from cache %s", path)
     return fid.load_statistics(path)
   logging.info("Reference statistics of %d training images (once; cached in %s).", num, path)
@@ -279,8 +280,7 @@ def reference_statistics(config, features_fn, dataset, cache_dir: str = REFERENC
 
 def sample_in_rounds(config, workdir, step, params, mesh, model, diffusion) -> np.ndarray:
   """eval.num_samples uint8 samples, generated in saved rounds (a rerun resumes)."""
-  round_dir = os.path.join(workdir, "eval", f"samples_{step}")
-  os.makedirs(round_dir, exist_ok=True)
+  round_dir = workdir_lib.path(workdir, "eval", f"samples_{step}")
   batch = _sampling_batch(config, config.eval.batch_size)
   num = config.eval.num_samples
   rounds = -(-num // batch)
@@ -290,9 +290,9 @@ def sample_in_rounds(config, workdir, step, params, mesh, model, diffusion) -> n
                                               batch_size=batch, intermediate_every=0)
   out = []
   for r in range(rounds):
-    path = os.path.join(round_dir, f"round_{r:05d}.npz")
-    if os.path.exists(path):
-      with np.load(path) as f:
+    path = round_dir / f"round_{r:05d}.npz"
+    if path.exists():
+      with workdir_lib.load_npz(path) as f:
         out.append(f["images"])
       continue
     y = _global_labels(_labels(config, batch, r * batch), mesh)
@@ -332,21 +332,13 @@ def evaluate(config, workdir: str) -> Dict[str, float]:
           float, fid.inception_score(logits))
     results["fid_num_samples"] = int(samples.shape[0])
   if jax.process_index() == 0:
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
-    path = os.path.join(eval_dir, f"eval_{step}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, path)
-    try:
-      from tensorboardX import SummaryWriter
-      with SummaryWriter(os.path.join(workdir, "tensorboard")) as tb:
+    path = workdir_lib.write_json(workdir_lib.path(workdir, "eval", f"eval_{step}.json"), results)
+    tb = workdir_lib.tensorboard_writer(workdir)
+    if tb is not None:
+      with tb:
         for k, v in results.items():
           if k != "step":
             tb.add_scalar(f"eval/{k}", v, step)
-    except ImportError:  # pragma: no cover
-      pass
     logging.info("Evaluation at step %d: %s (%s)", step, results, path)
   return results
 

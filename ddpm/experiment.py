@@ -76,14 +76,19 @@ def ema_decay_at(config, step):
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
-def create_train_state(config, model, sampler, rng) -> TrainState:
-  """Initial train state. rng: uint32 [2] raw key data. Pure: jit it with replicated outputs."""
+def create_train_state(config, model, sampler, rng, params=None) -> TrainState:
+  """Initial train state. rng: uint32 [2] raw key data. Pure: jit it with replicated outputs.
+
+  `params` (e.g. imported weights, `ddpm.pretrained`) replaces the random initialisation; the
+  EMA params start equal to them.
+  """
   key = jax.random.wrap_key_data(rng)
   init_key, dropout_key, state_key = jax.random.split(key, 3)
-  size, channels = config.data.image_size, config.data.channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init({"params": init_key, "dropout": dropout_key}, x, t)["params"]
+  if params is None:
+    size, channels = config.data.image_size, config.data.channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": init_key, "dropout": dropout_key}, x, t)["params"]
   opt_state = make_optimizer(config).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=opt_state,

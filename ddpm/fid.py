@@ -10,7 +10,6 @@ so FID can use the Inception network (`inception_feature_fn`) or, for small data
 digits/MNIST, the penultimate layer of a small classifier (`classifier_feature_fn`).
 """
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import scipy.special
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm import inception
+from ddpm import workdir
 
 # features_fn(images [B, H, W, C] uint8) -> (pool_features [B, D], logits [B, K] or None).
 FeatureExtractor = Callable[[np.ndarray], Tuple[np.ndarray, Optional[np.ndarray]]]
@@ -272,27 +272,19 @@ def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, fl
 # ------------------------------------------------------------------------------------------------
 # Cached reference statistics (same 'mu' / 'sigma' keys as pytorch-fid's and TTUR's .npz files)
 # ------------------------------------------------------------------------------------------------
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-  """Writes (mu [D], sigma [D, D]) to `path` (.npz) atomically: readers never see a partial file."""
+def save_statistics(path, mu: np.ndarray, sigma: np.ndarray) -> None:
+  """Writes (mu [D], sigma [D, D]) to `path` (.npz, local or gs:// / s3://) atomically: readers
+  never see a partial file."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   _check_statistics(mu, sigma, path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stats-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  workdir.write_bytes(path, workdir.npz_bytes(mu=mu, sigma=sigma))
 
 
-def load_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def load_statistics(path) -> Tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D, D]) from an .npz written by `save_statistics` (or pytorch-fid / TTUR)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"FID statistics file {path!r} does not exist")
-  with np.load(path, allow_pickle=False) as data:
+  if not workdir.exists(path):
+    raise FileNotFoundError(f"FID statistics file {os.fspath(path)!r} does not exist")
+  with workdir.load_npz(path) as data:
     missing = [k for k in ("mu", "sigma") if k not in data.files]
     if missing:
       raise ValueError(f"{path}: missing key(s) {missing}; found {data.files}")

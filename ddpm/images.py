@@ -1,20 +1,20 @@
 """Writing images: uint8 conversion, sample grids (PNG), progression animations (GIF), npz.
 
 Images are NHWC; float images are in [-1, 1] (the model's data space), uint8 ones in [0, 255].
-All writers create missing parent directories, write through a temporary file and rename it into
-place (a reader never sees half a file) and return the path. They write from the calling process
+All writers write the whole file at once through `ddpm.workdir.write_bytes` (locally a temporary
+file renamed into place, creating parent directories; on gs:// / s3:// one object), so a reader
+never sees half a file, and return the path. They write from the calling process
 only: in multi-process runs call them on process 0.
 """
 import io
 import math
-import os
-import uuid
 from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from PIL import Image
+
+from ddpm import workdir
 
 
 def to_uint8(x) -> np.ndarray:
@@ -103,20 +103,6 @@ def _to_pil(grid: np.ndarray) -> Image.Image:
   return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
-def _atomic_write(path, data: bytes) -> str:
-  """Writes `data` to `path` via a temporary sibling and a rename; returns the path as str."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-  try:
-    tmp.write_bytes(data)
-    tmp.replace(path)  # overwrite like os.replace (a rerun of a mode rewrites its outputs)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return os.fspath(path)
-
-
 def save_grid(path, x, ncol: Optional[int] = None, padding: int = 2) -> str:
   """Writes a grid of images as a PNG (C=1 as greyscale 'L', C=3 as RGB).
 
@@ -131,7 +117,7 @@ def save_grid(path, x, ncol: Optional[int] = None, padding: int = 2) -> str:
   grid = make_grid(_as_uint8_images(x), ncol=ncol, padding=padding)
   buf = io.BytesIO()
   _to_pil(grid).save(buf, format="PNG")
-  return _atomic_write(path, buf.getvalue())
+  return workdir.write_bytes(path, buf.getvalue())
 
 
 def save_gif(path, frames, duration_ms: int = 80, ncol: Optional[int] = None,
@@ -165,7 +151,7 @@ def save_gif(path, frames, duration_ms: int = 80, ncol: Optional[int] = None,
   buf = io.BytesIO()
   images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
                  duration=durations, loop=0)
-  return _atomic_write(path, buf.getvalue())
+  return workdir.write_bytes(path, buf.getvalue())
 
 
 def save_npz(path, images_uint8, **extra) -> str:
@@ -182,6 +168,5 @@ def save_npz(path, images_uint8, **extra) -> str:
   if "images" in extra:
     raise ValueError("save_npz: 'images' is the key of the images argument; rename the extra "
                      "array")
-  buf = io.BytesIO()
-  np.savez(buf, images=x, **{k: np.asarray(v) for k, v in extra.items()})
-  return _atomic_write(path, buf.getvalue())
+  return workdir.write_bytes(path, workdir.npz_bytes(images=x, **{k: np.asarray(v) for k, v in
+                                                                extra.items()}))

@@ -14,8 +14,7 @@ slice), and the tables then list every variant whose `result.json` exists in the
 """
 import copy
 import csv
-import json
-import os
+import io
 import time
 from typing import Dict, List, Optional
 
@@ -28,6 +27,7 @@ from ddpm import config_validation
 from ddpm import evaluation
 from ddpm import locking
 from ddpm import train
+from ddpm import workdir as workdir_lib
 
 COLUMNS = ("variant", "final_loss", "bpd", "fid", "images_per_s", "train_wall_s", "steps")
 
@@ -74,7 +74,7 @@ def run_variant(config, workdir: str, allow_config_change: bool = False) -> Opti
                     "the same command to resume it.", workdir, trained,
                     config.training.num_train_steps)
     return None
-  metrics = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  metrics = workdir_lib.read_metrics(workdir)
   result = {
       "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
       "images_per_s": float(np.mean([m["images_per_s"] for m in metrics])) if metrics else float("nan"),
@@ -83,17 +83,16 @@ def run_variant(config, workdir: str, allow_config_change: bool = False) -> Opti
   }
   result.update(evaluation.evaluate(config, workdir))
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "result.json"), result)
+    workdir_lib.write_json(workdir_lib.path(workdir, "result.json"), result)
   return result
 
 
 def _finished(config, workdir: str) -> bool:
   """Whether workdir holds the result of a completed run of this variant (a rerun skips it)."""
-  path = os.path.join(workdir, "result.json")
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir, "result.json")
+  if not path.exists():
     return False
-  with open(path) as f:
-    return json.load(f).get("steps") == config.training.num_train_steps
+  return workdir_lib.read_json(path).get("steps") == config.training.num_train_steps
 
 
 def run_sweep(config, workdir: str, only: Optional[str] = None,
@@ -117,10 +116,10 @@ def _run_sweep(config, workdir: str, only: Optional[str], allow_config_change: b
   todo = [only] if only else names
   variant_configs = {name: variant_config(config, name) for name in todo}  # fail before training
   for i, name in enumerate(todo):
-    variant_dir = os.path.join(workdir, name)
+    variant_dir = workdir_lib.path(workdir, name)
     if _finished(variant_configs[name], variant_dir):
       logging.info("=== sweep variant %d/%d: %s: finished earlier (%s), skipped ===", i + 1,
-                   len(todo), name, os.path.join(variant_dir, "result.json"))
+                   len(todo), name, variant_dir / "result.json")
       continue
     logging.info("=== sweep variant %d/%d: %s ===", i + 1, len(todo), name)
     if run_variant(variant_configs[name], variant_dir, allow_config_change) is None:
@@ -129,32 +128,31 @@ def _run_sweep(config, workdir: str, only: Optional[str], allow_config_change: b
   rows = collect_results(workdir, names)
   if jax.process_index() == 0:
     write_tables(workdir, rows)
-    logging.info("Sweep results: %s and %s", os.path.join(workdir, "results.csv"),
-                 os.path.join(workdir, "results.md"))
+    logging.info("Sweep results: %s and %s", workdir_lib.path(workdir, "results.csv"),
+                 workdir_lib.path(workdir, "results.md"))
   return rows
 
 
 def collect_results(workdir: str, names: List[str]) -> List[Dict]:
   rows = []
   for name in names:
-    path = os.path.join(workdir, name, "result.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        rows.append({"variant": name, **json.load(f)})
+    path = workdir_lib.path(workdir, name, "result.json")
+    if path.exists():
+      rows.append({"variant": name, **workdir_lib.read_json(path)})
   return rows
 
 
 def write_tables(workdir: str, rows: List[Dict]):
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for row in rows:
-      w.writerow({c: row.get(c, "") for c in COLUMNS})
+  csv_text = io.StringIO(newline="")
+  w = csv.DictWriter(csv_text, fieldnames=COLUMNS, extrasaction="ignore")
+  w.writeheader()
+  for row in rows:
+    w.writerow({c: row.get(c, "") for c in COLUMNS})
+  workdir_lib.write_text(workdir_lib.path(workdir, "results.csv"), csv_text.getvalue())
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   for row in rows:
     lines.append("| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  workdir_lib.write_text(workdir_lib.path(workdir, "results.md"), "\n".join(lines) + "\n")
 
 
 def _fmt(value) -> str:
@@ -163,17 +161,3 @@ def _fmt(value) -> str:
   if isinstance(value, float):
     return "n/a" if np.isnan(value) else f"{value:.4g}"
   return str(value)
-
-
-def _read_metrics(path: str) -> List[Dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_json(path: str, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)

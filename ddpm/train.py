@@ -9,8 +9,6 @@ Randomness is drawn per example from `fold_in(step_key, global_example_index)`, 
 batch gives the same trajectory on 1 device or on many (dropout masks excepted: they are drawn per
 device), and every device gets distinct noise.
 """
-import json
-import os
 import time
 from typing import Dict
 
@@ -31,6 +29,7 @@ from ddpm import locking
 from ddpm import models
 from ddpm import prefetch
 from ddpm import run_config
+from ddpm import workdir as workdir_lib
 from ddpm.errors import UserError
 
 NUM_QUARTILES = 4
@@ -137,40 +136,8 @@ def make_train_step(config, model, diffusion, sampler, mesh):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics output
+# Metrics output (the writer is workdir.MetricsWriter)
 # ---------------------------------------------------------------------------------------------
-class MetricsWriter:
-  """JSON lines in workdir/metrics.jsonl and TensorBoard events in workdir/tensorboard (process 0)."""
-
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # pragma: no cover - tensorboardX is in requirements.txt
-        logging.warning("tensorboardX not installed: metrics go to metrics.jsonl only")
-
-  def write(self, step: int, scalars: Dict[str, float]):
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, v, step)
-      self._tb.flush()
-
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
-
-
 class _Window:
   """Accumulates per-step metrics on the host between two log lines."""
 
@@ -243,7 +210,7 @@ def _train(config, workdir: str) -> experiment.TrainState:
   t_cfg = config.training
   k = t_cfg.steps_per_dispatch
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   # Data first: a dataset that is not prepared is reported before anything compiles.
   ds = input_pipeline.create_datasets(config, seed=config.seed)
   mesh, model, diffusion, sampler, init_fn = experiment.setup(config)
@@ -254,7 +221,7 @@ def _train(config, workdir: str) -> experiment.TrainState:
                config.diffusion.model_mean_type, config.diffusion.model_var_type,
                config.diffusion.loss_type)
 
-  mngr = checkpointing.create_manager(os.path.join(workdir, "checkpoints"),
+  mngr = checkpointing.create_manager(workdir_lib.path(workdir, "checkpoints"),
                                       max_to_keep=t_cfg.keep_checkpoints, async_save=True)
   state, data_state, step = restore_or_init(config, workdir, init_fn, mngr)
   if step >= t_cfg.num_train_steps:
@@ -271,7 +238,7 @@ def _train(config, workdir: str) -> experiment.TrainState:
   batches = prefetch.prefetch_to_mesh(ds.train_iter, NamedSharding(mesh, P(None, "data")),
                                       size=config.data.prefetch, stack=k)
   train_step = make_train_step(config, model, diffusion, sampler, mesh)
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, start_step=step)
   sample_hook = evaluation.make_training_sample_hook(config, workdir, model, diffusion, mesh) if (
       t_cfg.sample_every > 0) else None
 

@@ -71,3 +71,15 @@ def lock_holder():
   for proc in procs:
     proc.kill()
     proc.wait()
+
+
+def clear_gcs_clients():
+  """gcsfs reads STORAGE_EMULATOR_HOST when a filesystem is made, and fsspec and etils cache the
+  filesystems: drop them so the next gs:// access uses the current environment."""
+  from etils.epath import backend
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  try:
+    import gcsfs
+    gcsfs.GCSFileSystem.clear_instance_cache()
+  except ImportError:
+    pass

@@ -72,6 +72,12 @@ def test_attention_resolution_must_exist():
   _bad(mutate, r"config\.model\.attn_resolutions: 3 is not one of the U-Net's resolutions")
 
 
+def test_norm_groups_must_divide_every_level():
+  def mutate(c):
+    c.model.ch, c.model.ch_mult, c.model.norm_groups = 6, (1, 2), 4  # 6 channels, then 12
+  _bad(mutate, r"config\.model\.norm_groups: 4 groups do not divide the 6 channels")
+
+
 def test_hybrid_loss_needs_learned_variance():
   def mutate(c):
     c.diffusion.loss_type = "hybrid"

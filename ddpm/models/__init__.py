@@ -49,6 +49,7 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
       resblock_updown=m.resblock_updown,
       learn_sigma=config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES,
       num_classes=config.data.num_classes,
+      norm_groups=m.norm_groups,
       dtype=COMPUTE_DTYPES[dtype_name],
       remat=m.remat,
       layers=_layers(config, jax.default_backend()),

@@ -1,24 +1,34 @@
-"""XLA:CPU kernels for the U-Net: the same layers and values as the stock Flax ones, faster on CPU.
+"""XLA:CPU kernels for the U-Net: the stock layers' parameters and values, in faster forms on CPU.
 
-`ddpm.models.build_model` builds the U-Net with `LAYERS` (instead of the stock
-`unet.Layers()`) when JAX runs on CPU and `config.model.cpu_kernels` is on; `compiler_options`
-gives the matching XLA:CPU options. The parameter trees and values are those of the stock
-layers, so checkpoints move freely between platforms and settings. Everything here exists
-because XLA:CPU ran some forms of the same computation much slower (measured on a 2-core
-machine, see docs/performance.md); none of it is used on GPU or TPU.
+`ddpm.models.build_model` builds the U-Net with `LAYERS` (instead of the stock `unet.Layers()`)
+when JAX runs on CPU and `config.model.cpu_kernels` is on, and `ddpm.models.compiler_options`
+adds `COMPILER_OPTIONS` there. Parameter trees and values are those of the stock layers, so
+checkpoints move freely between platforms and settings. Nothing here runs on GPU or TPU.
+
+Each kernel is a `jax.custom_jvp` whose tangent is written in a linear form chosen so that
+JAX's automatic transpose of it (the reverse pass) is the form XLA:CPU runs fast. So forward
+mode (jax.jvp, jax.jacfwd, Hessian-vector products) and reverse mode both work, and higher
+derivatives are the derivatives of these rules. Timings below are from the 2-core machine this
+project was tuned on (docs/performance.md).
 """
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from ddpm.models import unet
 
 Array = jax.Array
-Dtype = unet.Dtype
 
 
+def _sum_of_terms(terms, like):
+  """The sum of the tangent terms that are not symbolic zeros (zeros like `like` if none)."""
+  return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(like)
+
+
+# ---- GroupNorm: per-channel sums and one multiply-add per element ---------------------------
 class GroupNorm(nn.Module):
   """Group normalisation (Wu & He 2018) of NHWC inputs, with a learned per-channel affine.
 
@@ -32,14 +42,14 @@ class GroupNorm(nn.Module):
   """
   num_groups: int
   epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
+  dtype: unet.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
     if x.ndim != 4:
       raise ValueError(f"GroupNorm expects NHWC inputs, got shape {x.shape}")
-    b, height, width, c = x.shape
+    c = x.shape[-1]
     groups = self.num_groups
     if groups < 1 or c % groups:
       raise ValueError(f"num_groups={groups} must be >= 1 and divide the {c} channels")
@@ -48,72 +58,65 @@ class GroupNorm(nn.Module):
     return _group_norm_affine(x, scale, bias, groups, self.epsilon).astype(self.dtype)
 
 
-def _group_stats(x, groups, eps):
-  """x: [B, H, W, C] -> (mean, 1 / sqrt(var + eps)), each [B, C] (per group, repeated)."""
-  b, height, width, c = x.shape
-  per_group = c // groups
-  count = height * width * per_group
-  xf = x.astype(jnp.float32)
-  mean = jnp.sum(xf, axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count   # [B, G]
-  mean_sq = jnp.sum(jnp.square(xf), axis=(1, 2)).reshape(b, groups, per_group).sum(-1) / count
-  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
-  return jnp.repeat(mean, per_group, axis=1), jnp.repeat(inv, per_group, axis=1)
-
-
 def _group_sum(a, groups):
   """[B, C] -> per-group sums repeated over the group's channels, [B, C]."""
   b, c = a.shape
   return jnp.repeat(a.reshape(b, groups, c // groups).sum(-1), c // groups, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_mean(x, groups):
+  """[B, H, W, C] -> the mean over each group's H, W and channels, repeated per channel [B, C]."""
+  _, height, width, c = x.shape
+  return _group_sum(jnp.sum(x, axis=(1, 2)), groups) / (height * width * (c // groups))
+
+
+def _affine(x, mul, add):
+  """x * mul + add with per-(example, channel) mul, add: [B, H, W, C], [B, C], [B, C]."""
+  return x * mul[:, None, None, :] + add[:, None, None, :]
+
+
+def _group_norm_parts(x, scale, bias, groups, eps):
+  xf = x.astype(jnp.float32)
+  mean = _group_mean(xf, groups)
+  inv = jax.lax.rsqrt(jnp.maximum(_group_mean(jnp.square(xf), groups) - mean ** 2, 0.0) + eps)
+  mul = inv * scale
+  return xf, mean, inv, mul, _affine(xf, mul, bias - mean * mul)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _group_norm_affine(x, scale, bias, groups, eps):
   """GroupNorm with affine: [B, H, W, C] -> float32 [B, H, W, C]."""
-  mean, inv = _group_stats(x, groups, eps)
-  mul = inv * scale
-  return x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
+  return _group_norm_parts(x, scale, bias, groups, eps)[-1]
 
 
-def _group_norm_affine_fwd(x, scale, bias, groups, eps):
-  mean, inv = _group_stats(x, groups, eps)
-  mul = inv * scale
-  y = x.astype(jnp.float32) * mul[:, None, None, :] + (bias - mean * mul)[:, None, None, :]
-  return y, (x, scale, mean, inv)
+@_group_norm_affine.defjvp
+def _group_norm_affine_jvp(groups, eps, primals, tangents):
+  # y = (x - mean) inv scale + bias. Its tangent is again one multiply-add per element,
+  #   dy = dx * inv scale + x * p + q,   p = dscale inv + scale dinv,
+  #   q = dbias - mean p - inv scale dmean,   dinv = -inv^3 (E[x dx] - mean dmean),
+  # with per-(example, channel) p, q built from the per-channel sums of dx and x dx (E over a
+  # group). JAX's transpose of this form is the one-pass backward: per-channel sums of g and
+  # g x, then dx = g * inv scale + x * p' + q' (autodiff of the forward made more passes).
+  x, scale, bias = primals
+  dx, dscale, dbias = tangents
+  xf, mean, inv, mul, y = _group_norm_parts(x, scale, bias, groups, eps)
+  dxf = dx.astype(jnp.float32)
+  dmean = _group_mean(dxf, groups)
+  dinv = -inv ** 3 * (_group_mean(xf * dxf, groups) - mean * dmean)
+  p = dscale * inv + scale * dinv
+  q = dbias - mean * p - mul * dmean
+  return y, _affine(dxf, mul, q) + xf * p[:, None, None, :]
 
 
-def _group_norm_affine_bwd(groups, eps, res, dy):
-  # With xh = (x - mean) inv and g = dy scale, the input gradient is
-  #   dx = inv (g - E[g] - xh E[g xh])   (expectations over a group's H, W and channels),
-  # written as dx = dy * inv * scale + x * p + q with per-(example, channel) p, q: one pass of
-  # per-channel sums of dy and dy * x, one elementwise pass (autodiff of the forward made more).
-  x, scale, mean, inv = res
-  b, height, width, c = x.shape
-  count = height * width * (c // groups)
-  xf = x.astype(jnp.float32)
-  s1 = jnp.sum(dy, axis=(1, 2))              # [B, C]: sum of dy
-  s2 = jnp.sum(dy * xf, axis=(1, 2))         # [B, C]: sum of dy x
-  dxh_sum = s2 - mean * s1                   # sum of dy (x - mean), per channel
-  e_g = _group_sum(scale * s1, groups) / count                  # E[g]
-  e_gxh = _group_sum(scale * inv * dxh_sum, groups) / count     # E[g xh]
-  p = -inv * inv * e_gxh
-  q = -inv * e_g - p * mean
-  dx = dy * (inv * scale)[:, None, None, :] + xf * p[:, None, None, :] + q[:, None, None, :]
-  dscale = jnp.sum(inv * dxh_sum, axis=0)
-  dbias = jnp.sum(s1, axis=0)
-  return dx.astype(x.dtype), dscale, dbias
-
-
-_group_norm_affine.defvjp(_group_norm_affine_fwd, _group_norm_affine_bwd)
-
-
-# ---- convolution with a loop-safe gradient on CPU ------------------------------------------
-# XLA:CPU rewrites convolutions into the form its fast kernels (Eigen / XNNPACK) take only in the
-# top-level computation, not inside while loops (jax issue #12868). The gradients JAX derives
-# for a conv (w.r.t. the kernel: batch and feature roles swapped, the 32x32 output as the window)
-# are not in that form, so inside a lax.scan (the train step's steps_per_dispatch loop) they fell
-# back to naive loops: a bench32 train step took ~66 s instead of ~2 s. On CPU the backward pass
-# below writes both gradients as NHWC x HWIO convolutions with explicit transposes, a form the
-# fast kernels take anywhere; other platforms keep JAX's own gradient (cuDNN / TPU recognise it).
+# ---- convolution with a loop-safe reverse pass ---------------------------------------------
+# XLA:CPU rewrites convolutions into the form its fast kernels (Eigen / XNNPACK) take only in
+# the top-level computation, not inside while loops (jax issue #12868). The gradients JAX
+# derives for a conv (w.r.t. the kernel: batch and feature roles swapped, the 32x32 output as
+# the window) are not in that form, so inside a lax.scan (the train step's steps_per_dispatch
+# loop) they fell back to naive loops: a bench32 train step took ~66 s instead of ~2 s, one
+# 16x32x32x64 3x3 conv gradient 4 s instead of 0.1 s. The tangent below is written so that its
+# transposes are NHWC x HWIO convolutions with explicit transposes, a form the fast kernels take
+# anywhere (the forward-mode tangent itself runs in whatever form; it is not the hot path).
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -121,56 +124,38 @@ def _conv_plain(x, w, strides, pads):
   return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DIMS)
 
 
-def _conv_grads_canonical(x, w, g, strides, pads):
-  """(dx, dw) of y = conv(x, w) with only NHWC x HWIO convolutions. x: [B, H, W, I],
-  w: [KH, KW, I, O], g = dL/dy: [B, Ho, Wo, O]."""
-  k = w.shape[:2]
-  size = x.shape[1:3]
-  out = g.shape[1:3]
-  # dx[i] = sum_k gd[i + lo - k] w[k] with gd = g dilated by the stride: a correlation of gd with
-  # the flipped, in/out-swapped kernel, padded K - 1 - lo before (and the rest after).
-  dx_pads = [(k[d] - 1 - pads[d][0], size[d] - 1 - (out[d] - 1) * strides[d] + pads[d][0])
-             for d in range(2)]
-  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), dx_pads, lhs_dilation=strides,
-                                    dimension_numbers=_DIMS)
-  # dw[a, b, i, o] = sum_{n, h, v} x_pad[n, h s + a, v s + b, i] g[n, h, v, o]: a convolution of
-  # x^T [I, H, W, B] (I as the batch, B as the features) with g^T [Ho, Wo, B, O] as the kernel.
-  dw_pads = [(pads[d][0], k[d] + (out[d] - 1) * strides[d] - size[d] - pads[d][0])
-             for d in range(2)]
-  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-                                    dw_pads, rhs_dilation=strides, dimension_numbers=_DIMS)
-  return dx, dw.transpose(1, 2, 0, 3)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv_loop_safe(x, w, strides, pads):
   return _conv_plain(x, w, strides, pads)
 
 
-def _conv_loop_safe_fwd(x, w, strides, pads):
-  return _conv_plain(x, w, strides, pads), (x, w)
+def _conv_loop_safe_jvp(strides, pads, primals, tangents):
+  x, w = primals
+  dx, dw = tangents
+  y = _conv_plain(x, w, strides, pads)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    # conv(dx, w) with the kernel given as [KH, KW, O, I]: JAX's transpose w.r.t. dx is then a
+    # correlation of g (dilated by the stride) with the flipped kernel as HWIO.
+    terms.append(jax.lax.conv_general_dilated(dx, w.transpose(0, 1, 3, 2), strides, pads,
+                                              dimension_numbers=("NHWC", "HWOI", "NHWC")))
+  if not isinstance(dw, SymbolicZero):
+    # conv(x, dw) with x as [I, H, W, B], dw as [I, KH, KW, O] and the output as [Ho, Wo, B, O]:
+    # JAX's transpose w.r.t. dw is then x^T [I, H, W, B] (I as the batch, B as the features)
+    # convolved with g^T [Ho, Wo, B, O] as an HWIO kernel, giving dw as [I, KH, KW, O].
+    terms.append(jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), dw.transpose(2, 0, 1, 3), strides, pads,
+        dimension_numbers=("CHWN", "IHWO", "HWNC")).transpose(2, 0, 1, 3))
+  return y, _sum_of_terms(terms, y)
 
 
-def _conv_loop_safe_bwd(strides, pads, res, g):
-  x, w = res
-
-  def jax_grads(x, w, g):
-    return jax.vjp(lambda a, b: _conv_plain(a, b, strides, pads), x, w)[1](g)
-
-  def cpu_grads(x, w, g):
-    return _conv_grads_canonical(x, w, g, strides, pads)
-
-  return jax.lax.platform_dependent(x, w, g, cpu=cpu_grads, default=jax_grads)
-
-
-_conv_loop_safe.defvjp(_conv_loop_safe_fwd, _conv_loop_safe_bwd)
+_conv_loop_safe.defjvp(_conv_loop_safe_jvp, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated` for nn.Conv (NHWC x HWIO 2-D convolutions, no dilation, no
-  groups) with the loop-safe CPU gradient described above. Same values as the lax op."""
+  groups) with the loop-safe reverse pass described above. Same values as the lax op."""
   if lhs.ndim != 4 or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) \
       or feature_group_count != 1 or precision is not None:
     raise ValueError("conv_general_dilated here supports 2-D NHWC convolutions without "
@@ -187,44 +172,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   return _conv_loop_safe(lhs, rhs, strides, pads)
 
 
-# ---- dense layers: a weight gradient without a fused transpose on CPU -------------------------
+# ---- dense layers: a weight gradient without a fused transpose -----------------------------
 # The weight gradient of y = x W is dW = x^T g (g = dL/dy). XLA:CPU lays that dot out with g
 # transposed and fuses the transpose into g's producer (a GroupNorm backward, the split of an
 # up-path skip concatenation), which then writes its output in transposed order: one
 # [16384, 64] gradient of configs/bench32.py took 21 ms instead of about 1. An optimisation
-# barrier on g in the backward pass keeps the producer in its own layout (bench32's U-Net
-# gradient 5-7% faster, bitwise the same values). Other platforms keep the plain formulas.
-def _dense_grads(x, w, g, barrier: bool):
-  """(dx, dw) of y = x @ w. x: [..., K], w: [K, O], g: [..., O]."""
-  if barrier:
-    g = jax.lax.optimization_barrier(g)
-  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-  return dx, dw
-
-
-@jax.custom_vjp
-def _dense_dot(x, w):
+# barrier on the tangent, whose transpose is a barrier on g before both products, keeps the
+# producer in its own layout (bench32's U-Net gradient 5-7% faster, the same values).
+def _dense_plain(x, w):
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _dense_dot_fwd(x, w):
-  return _dense_dot(x, w), (x, w)
+@jax.custom_jvp
+def _dense_dot(x, w):
+  return _dense_plain(x, w)
 
 
-def _dense_dot_bwd(res, g):
-  x, w = res
-  return jax.lax.platform_dependent(
-      x, w, g, cpu=functools.partial(_dense_grads, barrier=True),
-      default=functools.partial(_dense_grads, barrier=False))
+def _dense_dot_jvp(primals, tangents):
+  x, w = primals
+  dx, dw = tangents
+  y = _dense_plain(x, w)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_dense_plain(dx, w))
+  if not isinstance(dw, SymbolicZero):
+    terms.append(_dense_plain(x, dw))
+  return y, jax.lax.optimization_barrier(_sum_of_terms(terms, y))
 
 
-_dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+_dense_dot.defjvp(_dense_dot_jvp, symbolic_zeros=True)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` for nn.Dense ([..., K] x [K, O], no batch dimensions) with the CPU
-  weight gradient described above. Same values as the lax op."""
+  """`lax.dot_general` for nn.Dense ([..., K] x [K, O], no batch dimensions) with the weight
+  gradient described above. Same values as the lax op."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   if (tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch
       or rhs_batch or rhs.ndim != 2 or precision is not None

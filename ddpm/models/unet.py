@@ -8,7 +8,9 @@ mirror the TF variable scopes (TF model/down_0/block_0/conv1/W is down_0_block_0
 here), so the released checkpoints can be mapped by name. The CIFAR-10 model (ch=128,
 ch_mult=(1, 2, 2, 2)) has exactly the TF model's 35,746,307 parameters and the 256x256 model
 (ch_mult=(1, 1, 2, 2, 4, 4)) its 113,673,219. GroupNorm uses 32 groups as in DDPM, fewer only
-in layers narrower than 64 channels (see `num_groups`).
+in layers narrower than 64 channels (see `num_groups`), or `norm_groups` in every layer. The
+same network is diffusers' UNet2DModel with the DDPM releases' settings, output for output
+(ddpm/pretrained/diffusers_format.py; tests/test_pretrained.py).
 
 Options from Nichol & Dhariwal 2021 (Improved DDPM) and Dhariwal & Nichol 2021 (ADM):
 multi-head attention (`num_heads` / `num_head_channels`), adaptive GroupNorm
@@ -124,11 +126,12 @@ class Layers:
     return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
                     param_dtype=jnp.float32, dot_general=self.dot_general, name=name)
 
-  def norm(self, channels: int, dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.Module:
-    """GroupNorm(32) as in DDPM (see `num_groups` for narrow models), epsilon 1e-6 as in TF
-    (torch's default, improved-diffusion's, is 1e-5)."""
-    return self.group_norm(num_groups=num_groups(channels), epsilon=epsilon, dtype=dtype,
-                           name=name)
+  def norm(self, channels: int, dtype: Dtype, name: str, epsilon: float = 1e-6,
+           groups: int = 0) -> nn.Module:
+    """GroupNorm(32) as in DDPM (see `num_groups` for narrow models), or `groups` groups if > 0;
+    epsilon 1e-6 as in TF (torch's default, improved-diffusion's, is 1e-5)."""
+    return self.group_norm(num_groups=groups if groups > 0 else num_groups(channels),
+                           epsilon=epsilon, dtype=dtype, name=name)
 
 
 STOCK_LAYERS = Layers()
@@ -206,6 +209,7 @@ class ResBlock(nn.Module):
   deterministic: bool = True
   use_scale_shift_norm: bool = False
   resample: Optional[str] = None
+  norm_groups: int = 0
   dtype: Dtype = jnp.float32
   layers: Layers = STOCK_LAYERS
   norm_eps: float = 1e-6
@@ -215,7 +219,8 @@ class ResBlock(nn.Module):
     """x: [B, H, W, C], emb: [B, E] -> [B, H', W', out_ch] (H' = 2H / H/2 when resampling)."""
     if self.resample not in (None, "up", "down"):
       raise ValueError(f"ResBlock resample must be None, 'up' or 'down', got {self.resample!r}")
-    h = nn.swish(self.layers.norm(x.shape[-1], self.dtype, "norm1", self.norm_eps)(x))
+    h = nn.swish(self.layers.norm(x.shape[-1], self.dtype, "norm1", self.norm_eps,
+                                  self.norm_groups)(x))
     if self.resample is not None:
       resample = upsample_nearest if self.resample == "up" else downsample_avg
       h, x = resample(h), resample(x)
@@ -224,7 +229,7 @@ class ResBlock(nn.Module):
     emb_ch = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
     emb_out = self.layers.dense(emb_ch, self.dtype, "temb_proj")(nn.swish(emb))
     emb_out = emb_out[:, None, None, :]
-    norm2 = self.layers.norm(self.out_ch, self.dtype, "norm2", self.norm_eps)
+    norm2 = self.layers.norm(self.out_ch, self.dtype, "norm2", self.norm_eps, self.norm_groups)
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = nn.swish(norm2(h) * (1 + scale) + shift)
@@ -252,6 +257,7 @@ class AttnBlock(nn.Module):
   """
   num_heads: int = 1
   num_head_channels: int = -1
+  norm_groups: int = 0
   dtype: Dtype = jnp.float32
   layers: Layers = STOCK_LAYERS
   norm_eps: float = 1e-6
@@ -270,7 +276,7 @@ class AttnBlock(nn.Module):
       if heads < 1 or c % heads:
         raise ValueError(f"num_heads={heads} must be >= 1 and divide the {c} channels of an "
                          "attention block")
-    h = self.layers.norm(c, self.dtype, "norm", self.norm_eps)(x)
+    h = self.layers.norm(c, self.dtype, "norm", self.norm_eps, self.norm_groups)(x)
     split = lambda a: a.reshape(b, height * width, heads, c // heads)
     q = split(self.layers.dense(c, self.dtype, "q")(h))
     k = split(self.layers.dense(c, self.dtype, "k")(h))
@@ -300,6 +306,8 @@ class UNet(nn.Module):
     learn_sigma: also output the variance interpolation v (Improved DDPM): 2 * out_ch channels.
     num_classes: > 0: class-conditional; the label table has num_classes + 1 rows, the last
       (label num_classes) being the "null" label of classifier-free guidance.
+    norm_groups: > 0: this many groups in every GroupNorm (diffusers' norm_num_groups); 0: 32,
+      fewer in narrow layers (`num_groups`).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
       output is float32.
     remat: rematerialise (nn.remat) the residual blocks, trading compute for memory.
@@ -325,6 +333,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   learn_sigma: bool = False
   num_classes: int = 0
+  norm_groups: int = 0
   dtype: Dtype = jnp.float32
   remat: bool = False
   layers: Layers = STOCK_LAYERS
@@ -373,11 +382,13 @@ class UNet(nn.Module):
     def res_block(out_ch, name, resample=None):
       return block_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train,
                        use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
-                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps, name=name)
+                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps,
+                       norm_groups=self.norm_groups, name=name)
 
     def attn_block(name):
       return AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
-                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps, name=name)
+                       dtype=self.dtype, layers=self.layers, norm_eps=self.norm_eps,
+                       norm_groups=self.norm_groups, name=name)
 
     # Downsampling path: every block output is kept for the skip connections.
     hs = [self.layers.conv(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))]
@@ -415,7 +426,8 @@ class UNet(nn.Module):
                        name=f"up_{level}_upsample")(h)
     assert not hs, "every skip connection must be consumed"
 
-    h = nn.swish(self.layers.norm(h.shape[-1], self.dtype, "norm_out", self.norm_eps)(h))
+    h = nn.swish(self.layers.norm(h.shape[-1], self.dtype, "norm_out", self.norm_eps,
+                                  self.norm_groups)(h))
     out_ch = 2 * self.out_ch if self.learn_sigma else self.out_ch
     h = self.layers.conv(out_ch, self.dtype, "conv_out", init_scale=0.0)(h)
     return h.astype(jnp.float32)
