@@ -1,12 +1,13 @@
 """Checkpoints (Orbax) that survive corruption and preemption.
 
-One checkpoint per step, in `directory/<step>/`, with two Orbax items:
+One checkpoint per step, in `directory/<step>/`, with up to three Orbax items:
   'state': a pytree of arrays (step, params, ema_params, opt_state, rng, sampler state, ...),
            written with `PyTreeSave` and restored into the structure, dtypes and shardings of a
            target (typed PRNG key arrays and raw `jax.random.key_data` both round-trip bitwise);
-           `restore_latest(..., partial=True)` reads only the subtrees the target names (e.g.
-           {'ema_params': ...} for sampling and evaluation: the optimizer state is not read);
-  'data':  the input iterator's JSON state (absent when there is none).
+  'data':  the input iterator's JSON state (absent when there is none);
+  'meta':  JSON: a checksum of every array of 'state' and the run's config (when given).
+  `restore_latest(..., partial=True)` reads only the subtrees of 'state' the target names (e.g.
+  {'ema_params': ...} for sampling and evaluation: the optimizer state is not read).
 
 Usage (every process calls every function; Orbax coordinates multi-host writes):
   mngr = create_manager(workdir + "/checkpoints", max_to_keep=3, async_save=True)
@@ -19,19 +20,22 @@ Robustness:
   * `save` refuses non-finite states (nothing is written), so a diverged run never overwrites
     its last good checkpoint with NaNs.
   * `restore_latest` walks from the newest step down: a checkpoint that fails to restore (missing
-    or truncated file) is logged and the previous one is used. The training run (which passes
-    `set_aside_unreadable=True`) moves it aside to `<step>.corrupt-<time>` (kept for inspection)
-    so that it can write that step again; readers (sampling, evaluation) move nothing. If every
-    checkpoint fails, it raises `CheckpointRestoreError` naming the directory and each step's
-    error.
+    or truncated file, an array whose checksum differs from the one written at save -- bytes
+    damaged without changing the file size --, or non-finite values) is logged and the previous
+    one is used. The training run (which passes `set_aside_unreadable=True`) moves it aside to
+    `<step>.corrupt-<time>` (kept for inspection) so that it can write that step again; readers
+    (sampling, evaluation) move nothing. If every checkpoint fails, it raises
+    `CheckpointRestoreError` naming the directory and each step's error.
   * Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` directories: Orbax never lists them
     as steps, and a writing manager deletes them when created.
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag polled at step boundaries; with several
     processes every process stops at the same step (JAX's preemption sync point).
 """
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -45,19 +49,34 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ddpm.errors import UserError
+
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+META_ITEM = "meta"
 # Step directories are plain integers ('1000'), Orbax's standard naming.
 _NAME_FORMAT = ocp.path.step.standard_name_format()
 _CORRUPT_MARK = ".corrupt-"
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(UserError, RuntimeError):
   """Checkpoints exist but none of them could be restored."""
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+  """A reader (sampling, evaluation) found no checkpoint to read."""
+
+
+class CheckpointWriteError(UserError, OSError):
+  """A checkpoint could not be written for lack of space; older ones are intact."""
 
 
 class NonFiniteStateError(FloatingPointError):
   """The state to be saved holds NaN or Inf values; nothing was written."""
+
+  def __init__(self, message: str, leaves: Sequence[str] = ()):
+    super().__init__(message)
+    self.leaves = list(leaves)  # key paths of the non-finite leaves
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,13 +123,42 @@ def create_manager(directory, max_to_keep: Optional[int] = 3, async_save: bool =
       step_name_format=_NAME_FORMAT,
   )
   handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-              DATA_ITEM: ocp.JsonCheckpointHandler()}
+              DATA_ITEM: ocp.JsonCheckpointHandler(),
+              META_ITEM: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(_as_path(directory), options=options, item_handlers=handlers)
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
-  """Blocks until pending asynchronous saves are written (call before exiting)."""
-  mngr.wait_until_finished()
+  """Blocks until pending asynchronous saves are written (call before exiting).
+
+  Raises:
+    CheckpointWriteError: the device is full (names the failed and the last intact step).
+  """
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_disk_full(mngr, None, e)
+    raise
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text
+          or "No space left on device" in text)
+
+
+def _raise_if_disk_full(mngr, step: Optional[int], error: BaseException) -> None:
+  """An asynchronous write fails late (TensorStore: RESOURCE_EXHAUSTED, in the next save or
+  wait): name the step whose write failed (from the temporary directory in the message)."""
+  if not _is_disk_full(error):
+    return
+  found = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(error))
+  failed = int(found.group(1)) if found else step
+  intact = latest_step(mngr.directory)
+  raise CheckpointWriteError(
+      f"no space left on device while writing checkpoint {failed} in {mngr.directory}; "
+      + (f"checkpoints up to {intact} are intact" if intact is not None else
+         "no checkpoint was written before")) from error
 
 
 def latest_step(directory) -> Optional[int]:
@@ -135,29 +183,107 @@ def _key_path_str(path) -> str:
   return "state" + jax.tree_util.keystr(path)
 
 
+def _leaf_name(path) -> str:
+  """'ema_params/conv/kernel': the same name for a dict key and a dataclass field, so a
+  checksum recorded for a TrainState also matches a partial target (e.g. a dict of EMA params)."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+# Checksums: two sums of the array's 32-bit words mod 2^32, each word weighted by a function of
+# its index (one odd weight, so any change of a single word changes the first sum). Sums do not
+# depend on the order of summation, so the value is the same for any sharding and device count,
+# and it is computed where the array lives (no copy to the host; multi-host arrays too).
+_MULT = np.uint32(0x9E3779B9)
+
+
+def _device_words(x):
+  """jax array -> its bits as uint32 [N] (arrays of 8/16-bit types zero-extended)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = x.dtype.itemsize * 8
+  if bits == 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32).reshape(-1)
+
+
+def _host_words(x) -> np.ndarray:
+  """numpy array -> its bits as uint32 [N], as `_device_words` (64-bit types as word pairs)."""
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  if x.dtype.itemsize >= 4:
+    return x.reshape(-1).view(np.uint32)
+  return x.reshape(-1).view(np.dtype(f"uint{x.dtype.itemsize * 8}")).astype(np.uint32)
+
+
+def _sums(words, xp):
+  i = xp.arange(words.shape[0], dtype=xp.uint32)
+  h1 = xp.sum(words * (i * xp.uint32(2) + xp.uint32(1)), dtype=xp.uint32)
+  h2 = xp.sum((words ^ (i * _MULT)) * xp.uint32(0x85EBCA6B), dtype=xp.uint32)
+  return h1, h2
+
+
 @jax.jit
-def _all_finite(leaves):
-  """[L] bools: whether each array is free of NaN/Inf (one fused pass)."""
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+def _inspect_on_device(leaves):
+  """([L] bool: finite, [L, 2] uint32: checksums) of jax arrays (one fused pass)."""
+  finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+            for x in leaves]
+  sums = [jnp.stack(_sums(_device_words(x), jnp)) for x in leaves]
+  return jnp.stack(finite), jnp.stack(sums)
+
+
+def _inspect(state) -> Tuple[list, dict]:
+  """(key paths of floating leaves holding NaN/Inf, {leaf name: checksum hex}) of a pytree."""
+  bad, sums = [], {}
+  on_devices = {}  # device set -> [(path, array)]: one jitted pass per set of devices
+  with np.errstate(over="ignore"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+      if isinstance(leaf, jax.Array):
+        on_devices.setdefault(frozenset(leaf.sharding.device_set), []).append((path, leaf))
+        continue
+      a = np.asarray(leaf)
+      if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+        bad.append(_key_path_str(path))
+      if a.dtype != object:
+        sums[_leaf_name(path)] = "%s:%08x%08x" % (a.dtype, *(int(h) for h in
+                                                     _sums(_host_words(a), np)))
+  for group in on_devices.values():
+    # The results are replicated, so every process can read them, also for multi-host arrays.
+    finite, group_sums = map(np.asarray, _inspect_on_device([leaf for _, leaf in group]))
+    for (p, leaf), ok, (h1, h2) in zip(group, finite, group_sums):
+      if not ok:
+        bad.append(_key_path_str(p))
+      sums[_leaf_name(p)] = "%s:%08x%08x" % (leaf.dtype, int(h1), int(h2))
+  return bad, sums
 
 
 def nonfinite_leaves(state) -> list:
   """Key paths (e.g. "state['params']['w']") of floating leaves holding NaN or Inf."""
-  bad = []
-  on_devices = {}  # device set -> [(path, array)]: one jitted check per set of devices
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if isinstance(leaf, jax.Array):
-      if jnp.issubdtype(leaf.dtype, jnp.inexact):
-        on_devices.setdefault(frozenset(leaf.sharding.device_set), []).append((path, leaf))
-    elif isinstance(leaf, (float, complex)) or (
-        isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.inexact)):
-      if not np.all(np.isfinite(leaf)):
-        bad.append(_key_path_str(path))
-  for group in on_devices.values():
-    # The result is replicated, so every process can read it, also for multi-host arrays.
-    finite = np.asarray(_all_finite([leaf for _, leaf in group]))
-    bad.extend(_key_path_str(p) for (p, _), ok in zip(group, finite) if not ok)
-  return bad
+  return _inspect(state)[0]
+
+
+def checksums(state) -> dict:
+  """{leaf name ('params/conv/kernel'): 'float32:<16 hex digits>'}: each array's dtype and a
+  checksum of its bits."""
+  return _inspect(state)[1]
+
+
+def _mismatches(recorded: dict, actual: dict) -> list:
+  """Names of the leaves present in both, restored with the dtype they were saved with (a
+  target may ask Orbax for another), whose checksums differ."""
+  return [name for name, value in actual.items()
+          if name in recorded and recorded[name] != value
+          and recorded[name].split(":")[0] == value.split(":")[0]]
 
 
 def _check_same_on_all_processes(data_state, step: int, directory) -> None:
@@ -173,7 +299,7 @@ def _check_same_on_all_processes(data_state, step: int, directory) -> None:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict] = None,
-         force: bool = False) -> bool:
+         force: bool = False, config: Optional[dict] = None) -> bool:
   """Saves `state` (and the input pipeline's `data_state`) as checkpoint `step`.
 
   Args:
@@ -184,6 +310,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
       process 0's copy only, so with several processes it must be the same on all of them
       (checked).
     force: save even if the manager's save policy would skip this step.
+    config: the run's config as a JSON-serialisable dict, recorded in the 'meta' item.
   Returns:
     Whether a checkpoint was written (False if `step` is already saved: it is not overwritten;
     False too for a read-only manager, which Orbax never lets write).
@@ -195,11 +322,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
   step = int(step)
-  bad = nonfinite_leaves(state)
+  bad, sums = _inspect(state)
   if bad:
-    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     raise NonFiniteStateError(f"refusing to save step {step} to {mngr.directory}: non-finite "
-                              f"values in {shown}; nothing was written")
+                              f"values in {_list(bad, 5)}; nothing was written", bad)
   if data_state is not None:
     try:
       json.dumps(data_state)
@@ -211,10 +337,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Optiona
     logging.info("Checkpoint step %d already exists in %s: not overwriting it.", step,
                  mngr.directory)
     return False
-  items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
+  items = {STATE_ITEM: ocp.args.PyTreeSave(state),
+           META_ITEM: ocp.args.JsonSave({"checksums": sums, "config": config})}
   if data_state is not None:
     items[DATA_ITEM] = ocp.args.JsonSave(data_state)
-  saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  try:
+    saved = mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_disk_full(mngr, step, e)
+    raise
   if saved:
     logging.info("Saving checkpoint step %d to %s.", step, mngr.directory)
   return bool(saved)
@@ -295,9 +426,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bo
     has_data = (step_dir / DATA_ITEM).exists()
     if has_data:
       items[DATA_ITEM] = ocp.args.JsonRestore()
+    has_meta = (step_dir / META_ITEM).exists()  # absent in checkpoints of older versions
+    if has_meta:
+      items[META_ITEM] = ocp.args.JsonRestore()
     error = None
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**items))
+      _verify(restored[STATE_ITEM], restored[META_ITEM]["checksums"] if has_meta else None)
     except Exception as e:  # pylint: disable=broad-except
       # Orbax/TensorStore raise many types (ValueError, FileNotFoundError, JSONDecodeError,
       # plain Exception) for missing or truncated files; every one of them means "unreadable".
@@ -320,6 +455,28 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, partial: bo
   raise CheckpointRestoreError(
       f"none of the {len(steps)} checkpoint(s) in {mngr.directory} could be restored into the "
       f"given state structure. {details}")
+
+
+class ChecksumError(ValueError):
+  """A restored array differs from the one that was saved, or holds NaN/Inf."""
+
+
+def _verify(state, recorded: Optional[dict]) -> None:
+  """Raises ChecksumError if `state` has non-finite values or arrays whose checksums differ
+  from `recorded` (leaf name -> checksum; None: nothing recorded, only finiteness checked)."""
+  bad, sums = _inspect(state)
+  if recorded is not None:
+    damaged = _mismatches(recorded, sums)
+    if damaged:
+      raise ChecksumError(f"checksum mismatch in {_list(damaged)}: its bytes differ from what "
+                          "was saved")
+  if bad:
+    raise ChecksumError(f"non-finite values in {_list(bad)}")
+
+
+def _list(names: Sequence[str], limit: int = 3) -> str:
+  return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
+                                     else "")
 
 
 def _shorten(text: str, limit: int = 600) -> str:

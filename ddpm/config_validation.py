@@ -135,6 +135,11 @@ def validate_config(config: ml_collections.ConfigDict,
   d, m, t, o, s, e = (config.data, config.model, config.training, config.optim,
                       config.sampling, config.eval)
   _require(d.dataset != "", "data.dataset", "must name a dataset (digits, folder or a TFDS name)")
+  known = ("digits", "folder") + tuple(input_pipeline.TFDS_DATASETS)
+  _require(d.dataset.split(":")[0] in known, "data.dataset",
+           f"unknown dataset {d.dataset!r}; one of {', '.join(known)} (TFDS names may add "
+           "':<version>')")
+  _require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
   _require(d.dataset != "folder" or d.path, "data.path",
            "must name a folder of images when data.dataset='folder'")
   _require(d.image_size > 0, "data.image_size", f"must be positive, got {d.image_size}")

@@ -78,8 +78,8 @@ def load_ema_params(config, workdir: str):
   mesh, model, diffusion, _, init_fn = experiment.setup(config)
   ckpt_dir = workdir_lib.path(workdir, "checkpoints")
   if checkpointing.latest_step(ckpt_dir) is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first with --mode=train "
-                            f"--workdir={workdir}")
+    raise checkpointing.NoCheckpointError(f"no checkpoint in {ckpt_dir}: train first with "
+                                          f"--mode=train --workdir={workdir}")
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(init_fn, experiment.initial_rng(config)).ema_params  # no allocation
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),

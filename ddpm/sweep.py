@@ -25,6 +25,7 @@ from absl import logging
 
 from ddpm import config_validation
 from ddpm import evaluation
+from ddpm import locking
 from ddpm import train
 from ddpm import workdir as workdir_lib
 
@@ -50,7 +51,7 @@ def variant_config(config, name: str) -> ml_collections.ConfigDict:
   """`config` with the overrides of variant `name` applied and `variants` removed; validated."""
   names = variant_names(config)
   if name not in names:
-    raise ValueError(f"unknown variant {name!r}; this config defines: {', '.join(names) or 'none'}")
+    raise config_validation.ConfigError(f"unknown variant {name!r}; this config defines: {', '.join(names) or 'none'}")
   out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   overrides = out.variants[name]
   del out["variants"]
@@ -58,14 +59,14 @@ def variant_config(config, name: str) -> ml_collections.ConfigDict:
   return config_validation.validate_config(out, num_devices=jax.device_count())
 
 
-def run_variant(config, workdir: str) -> Optional[Dict]:
+def run_variant(config, workdir: str, allow_config_change: bool = False) -> Optional[Dict]:
   """Trains (or resumes) one variant in `workdir`, evaluates it, writes workdir/result.json.
 
   Returns the result, or None when training stopped early on a preemption signal (SIGTERM /
   SIGINT): the checkpoint is saved, nothing is evaluated, and rerunning resumes the variant.
   """
   start = time.perf_counter()
-  state = train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
   wall = time.perf_counter() - start
   trained = int(jax.device_get(state.step))
   if trained < config.training.num_train_steps:
@@ -94,16 +95,24 @@ def _finished(config, workdir: str) -> bool:
   return workdir_lib.read_json(path).get("steps") == config.training.num_train_steps
 
 
-def run_sweep(config, workdir: str, only: Optional[str] = None) -> List[Dict]:
+def run_sweep(config, workdir: str, only: Optional[str] = None,
+              allow_config_change: bool = False) -> List[Dict]:
   """Runs every variant (or only `only`) and writes results.csv and results.md in `workdir`.
 
   Variants already finished in `workdir` (result.json for the configured number of steps) are
   not run again, so an interrupted sweep resumes where it stopped. A preemption signal stops
   the sweep after saving the running variant; the tables then list the finished variants.
+  The sweep holds the lock of `workdir` throughout (each variant's training that of its own
+  folder), so a second sweep of the same workdir stops at once.
   """
+  with locking.workdir_lock(workdir):
+    return _run_sweep(config, workdir, only, allow_config_change)
+
+
+def _run_sweep(config, workdir: str, only: Optional[str], allow_config_change: bool) -> List[Dict]:
   names = variant_names(config)
   if not names:
-    raise ValueError("--mode=sweep needs a config with `config.variants` (see ddpm/sweep.py)")
+    raise config_validation.ConfigError("--mode=sweep needs a config with `config.variants` (see ddpm/sweep.py)")
   todo = [only] if only else names
   variant_configs = {name: variant_config(config, name) for name in todo}  # fail before training
   for i, name in enumerate(todo):
@@ -113,7 +122,7 @@ def run_sweep(config, workdir: str, only: Optional[str] = None) -> List[Dict]:
                    len(todo), name, variant_dir / "result.json")
       continue
     logging.info("=== sweep variant %d/%d: %s ===", i + 1, len(todo), name)
-    if run_variant(variant_configs[name], variant_dir) is None:
+    if run_variant(variant_configs[name], variant_dir, allow_config_change) is None:
       logging.warning("Sweep stopped at variant %s; rerun the same command to continue.", name)
       break
   rows = collect_results(workdir, names)

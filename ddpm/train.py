@@ -25,14 +25,17 @@ from ddpm import config_validation
 from ddpm import evaluation
 from ddpm import experiment
 from ddpm import input_pipeline
+from ddpm import locking
 from ddpm import models
 from ddpm import prefetch
+from ddpm import run_config
 from ddpm import workdir as workdir_lib
+from ddpm.errors import UserError
 
 NUM_QUARTILES = 4
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
@@ -187,13 +190,23 @@ def restore_or_init(config, workdir: str, init_fn, mngr):
   return state, data_state, int(step)
 
 
-def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> experiment.TrainState:
   """Trains `config` in `workdir`, resuming from its newest complete checkpoint.
 
+  Holds the workdir's lock (`ddpm.locking`) throughout: a second training of the same workdir
+  stops at once. Records the config in workdir/config.json; resuming with a different model,
+  diffusion or data config is refused unless `allow_config_change` (`ddpm.run_config`).
   Writes workdir/checkpoints (Orbax), workdir/metrics.jsonl, workdir/tensorboard and, when
   training.sample_every > 0, EMA sample grids to workdir/samples/. Returns the final train state.
   """
   config_validation.validate_config(config, num_devices=jax.device_count())
+  with locking.workdir_lock(workdir):
+    run_config.check_and_record(config, workdir, allow_change=allow_config_change)
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> experiment.TrainState:
   t_cfg = config.training
   k = t_cfg.steps_per_dispatch
   is_main = jax.process_index() == 0
@@ -217,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
     checkpointing.wait(mngr)
     return state
   if step % k:
-    raise ValueError(f"checkpoint step {step} is not a multiple of training.steps_per_dispatch="
+    raise UserError(f"checkpoint step {step} is not a multiple of training.steps_per_dispatch="
                      f"{k}; resume with the steps_per_dispatch it was written with")
 
   if data_state is not None:
@@ -230,6 +243,7 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
       t_cfg.sample_every > 0) else None
 
   last_good = step if step > 0 else None
+  recorded_config = run_config.as_dict(config)
   window = _Window()
   pending = None  # (end_step, metrics) of the last dispatch, read one dispatch later (keeps async)
   first_step, t_start = step, time.perf_counter()
@@ -243,17 +257,28 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
     metrics = jax.device_get(metrics)
     losses = np.asarray(metrics["loss"]).reshape(-1)
     if not np.all(np.isfinite(losses)):
-      bad = end - k + int(np.argmin(np.isfinite(losses)))
-      where = (f"step {last_good} in {mngr.directory}" if last_good is not None else
-               "none (no checkpoint was written yet)")
+      # losses[i] is the loss of the update from step end - k + i to the next one, which
+      # metrics.jsonl counts (like every metric) under the step reached: end - k + i + 1.
+      bad = end - k + int(np.argmin(np.isfinite(losses))) + 1
       raise NonFiniteLossError(f"non-finite loss {losses[~np.isfinite(losses)][0]} at step {bad}; "
-                               f"stopped without saving. Last good checkpoint: {where}.")
+                               f"stopped without saving. {last_good_text()}")
     window.add(metrics)
+
+  def last_good_text():
+    where = (f"step {last_good} in {mngr.directory}" if last_good is not None else
+             "none (no checkpoint was written yet)")
+    return f"Last good checkpoint: {where}."
 
   def save(at_step):
     nonlocal last_good
     drain()
-    checkpointing.save(mngr, at_step, state, data_state=batches.get_state(), force=True)
+    try:
+      checkpointing.save(mngr, at_step, state, data_state=batches.get_state(), force=True,
+                         config=recorded_config)
+    except checkpointing.NonFiniteStateError as e:
+      raise NonFiniteLossError(f"non-finite parameters after step {at_step} (its update "
+                               f"diverged: {', '.join(e.leaves[:3])}); stopped without saving. "
+                               f"{last_good_text()}") from None
     last_good = at_step
 
   try:
@@ -288,10 +313,12 @@ def train_and_evaluate(config, workdir: str) -> experiment.TrainState:
           break
       drain()
   finally:
-    checkpointing.wait(mngr)
-    writer.close()
-    if hasattr(batches, "close"):
-      batches.close()
+    try:
+      checkpointing.wait(mngr)  # raises CheckpointWriteError if the disk filled up
+    finally:
+      writer.close()
+      if hasattr(batches, "close"):
+        batches.close()
   return state
 
 

@@ -46,6 +46,33 @@ def sigterm_at_step(monkeypatch):
   return arm
 
 
+_HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from ddpm import locking\n"
+         "with locking.workdir_lock(sys.argv[1], lease=sys.argv[2] == 'lease', "
+         "ttl=float(sys.argv[3])):\n"
+         "  print('locked', flush=True); time.sleep(600)\n")
+
+
+@pytest.fixture
+def lock_holder():
+  """hold(workdir, kind='flock'|'lease', ttl) starts another process that holds the workdir's
+  lock and returns it (a Popen) once it does; the processes are killed after the test."""
+  import subprocess
+  procs = []
+
+  def hold(workdir, kind="flock", ttl=120.0):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=ROOT), str(workdir), kind,
+                             str(ttl)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    procs.append(proc)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+  yield hold
+  for proc in procs:
+    proc.kill()
+    proc.wait()
+
+
 def clear_gcs_clients():
   """gcsfs reads STORAGE_EMULATOR_HOST when a filesystem is made, and fsspec and etils cache the
   filesystems: drop them so the next gs:// access uses the current environment."""

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -203,6 +204,75 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, states, caplog, corrupt
   state, _, step = checkpointing.restore_latest(mngr, states[3])
   assert step == 20
   _assert_bitwise_equal(state, states[4])
+
+
+def _largest_data_file(step_dir):
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for n in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_same_size_byte_damage_is_detected_and_previous_used(tmp_path, caplog, partial):
+  # Arrays large enough to be stored out of line (OCDBT keeps small values inside its
+  # CRC-checked index nodes, where damage already fails to read).
+  saved = {s: {"w": jax.random.normal(jax.random.key(s), (64, 64)), "step": jnp.int32(s)}
+           for s in (10, 20)}
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  for step, state in saved.items():
+    checkpointing.save(mngr, step, state)
+  path = _largest_data_file(_step_dir(tmp_path, 20))
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF  # one damaged byte, the file size unchanged
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  # Orbax alone reads the damaged checkpoint without an error, into different values.
+  with ocp.StandardCheckpointer() as reader:
+    raw = reader.restore(os.path.join(_step_dir(tmp_path, 20), "state"), _abstract(saved[20]))
+  assert not np.array_equal(raw["w"], saved[20]["w"])
+  # Also when only a subtree is read (sampling/evaluation read the EMA parameters only).
+  target = {"w": _abstract(saved[10])["w"]} if partial else _abstract(saved[10])
+  with caplog.at_level(logging.WARNING):
+    state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
+                                                  target, partial=partial,
+                                                  set_aside_unreadable=True)
+  assert step == 10
+  _assert_bitwise_equal(state, {"w": saved[10]["w"]} if partial else saved[10])
+  assert "checksum mismatch in w" in caplog.text and _step_dir(tmp_path, 20) in caplog.text
+  assert any(n.startswith("20.corrupt-") for n in os.listdir(tmp_path))
+
+
+def test_restored_non_finite_state_is_refused(tmp_path, states, caplog):
+  mngr = checkpointing.create_manager(tmp_path, async_save=False)
+  checkpointing.save(mngr, 1, states[1])
+  # A checkpoint of an older version (no checksums) that holds an Inf: `save` would refuse it.
+  bad = states[2].replace(params={**states[2].params, "dense": states[2].params["dense"] * jnp.inf})
+  mngr.save(2, args=ocp.args.Composite(state=ocp.args.PyTreeSave(bad)))
+  with caplog.at_level(logging.WARNING):
+    state, _, step = checkpointing.restore_latest(checkpointing.create_manager(tmp_path),
+                                                  states[3])
+  assert step == 1
+  _assert_bitwise_equal(state, states[1])
+  assert "non-finite values in state.params['dense']" in caplog.text
+
+
+def test_checksums_do_not_depend_on_sharding_or_placement():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  tree = {"x": x, "b": jnp.arange(8, dtype=jnp.bfloat16), "k": jax.random.key(3)}
+  sharded = {**tree, "x": jax.device_put(x, NamedSharding(mesh, P("data")))}
+  host = {"x": np.asarray(x), "b": np.asarray(tree["b"]),
+          "k": np.asarray(jax.random.key_data(tree["k"]))}
+  sums = checkpointing.checksums(tree)
+  assert sums == checkpointing.checksums(sharded)
+  assert sums["x"].startswith("float32:") and sums["b"].startswith("bfloat16:")
+  # The same bits on the host give the same sums (a typed key: those of its raw key data).
+  digits = lambda d: {k: v.split(":")[1] for k, v in d.items()}
+  assert digits(sums) == digits(checkpointing.checksums(host))
+  flipped = np.asarray(x).copy()
+  flipped.view(np.uint32)[7, 3] ^= 1  # one bit of one value
+  assert checkpointing.checksums({"x": flipped})["x"] != checkpointing.checksums(tree)["x"]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -502,3 +572,35 @@ def test_read_only_manager_falls_back_without_moving(tmp_path, states, caplog):
   _assert_bitwise_equal(state, states[1])
   assert _step_dir(tmp_path, 2) in caplog.text
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 512 KiB tmpfs (needs root and mount permission; skipped otherwise)."""
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+      capture_output=True).returncode != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_full_disk_names_failed_and_intact_steps(small_disk):
+  small = {"w": jax.random.normal(jax.random.key(0), (64, 64))}      # 16 KiB
+  large = {"w": jax.random.normal(jax.random.key(1), (512, 512))}    # 1 MiB: does not fit
+  ckpt_dir = small_disk / "checkpoints"
+  mngr = checkpointing.create_manager(ckpt_dir, async_save=True)
+  checkpointing.save(mngr, 1, small)
+  checkpointing.wait(mngr)
+  with pytest.raises(checkpointing.CheckpointWriteError) as err:
+    checkpointing.save(mngr, 2, large)
+    checkpointing.wait(mngr)
+  assert str(err.value) == (f"no space left on device while writing checkpoint 2 in {ckpt_dir}; "
+                            "checkpoints up to 1 are intact")
+  state, _, step = checkpointing.restore_latest(checkpointing.create_manager(ckpt_dir, read_only=True),
+                                                _abstract(small))
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], small["w"])

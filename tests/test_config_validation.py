@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configs import default
+from configs import default, tiny
 from ddpm import config_validation as cv
 from ddpm import diffusion, errors, experiment, fid, input_pipeline, models, sampling, schedules
 from ddpm import timestep_sampler
@@ -119,3 +119,15 @@ def test_channels_must_be_grey_or_rgb_and_errors_are_user_errors():
     c.data.channels = 2
   _bad(mutate, r"config\.data\.channels: 2 is not one of 1, 3")
   assert issubclass(cv.ConfigError, errors.UserError)
+
+
+def test_unknown_dataset_and_negative_seed_are_named():
+  config = tiny.get_config()
+  config.data.dataset = "cifar100x"
+  with pytest.raises(cv.ConfigError,
+                     match=r"config.data.dataset: unknown dataset 'cifar100x'; one of digits"):
+    cv.validate_config(config)
+  config = tiny.get_config()
+  config.seed = -3
+  with pytest.raises(cv.ConfigError, match=r"config.seed: must be >= 0, got -3"):
+    cv.validate_config(config)

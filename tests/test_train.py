@@ -1,6 +1,7 @@
 """Training: device-count invariance, exact resume, NaN handling, outputs."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from ddpm import checkpointing, distributed, experiment, train
+from ddpm import workdir as workdir_lib
 
 
 def _tiny(**overrides):
@@ -133,6 +135,12 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   last = checkpointing.latest_step(ckpt_dir)
   msg = str(err.value)
+  # The named step is the one metrics.jsonl would count that loss under: every logged row (all
+  # finite) comes before it.
+  bad = int(re.search(r"at step (\d+)", msg).group(1))
+  rows = workdir_lib.read_metrics(workdir)  # [] when the run stopped before its first log
+  assert all(np.isfinite(r["loss"]) and r["step"] < bad for r in rows)
+  assert last is None or last < bad
   if last is None:
     assert "none (no checkpoint was written yet)" in msg
   else:
