@@ -151,10 +151,14 @@ def _run():
   if not os.path.isfile(config_file.split(":")[0]):
     raise UserError(f"--config={config_file}: no such file")
   config = _CONFIG.value
+  for mode, flag in (("import", "import_from"), ("export", "export_to")):
+    if (FLAGS.mode == mode) != bool(FLAGS[flag].value):
+      raise UserError(f"--mode={mode} needs --{flag}=PATH" if FLAGS.mode == mode else
+                      f"--{flag} is only used with --mode={mode}, not --mode={FLAGS.mode}")
   _check_workdir(FLAGS.workdir, FLAGS.mode)
   import jax  # after the checks above, so that they fail fast
   from ddpm import config_validation, distributed, locking, run_config
-  config_validation.validate_config(config)  # all but the device count (the mode checks it)
+  config_validation.validate_config(config)  # all but the device count (known after JAX starts)
   if FLAGS.mode in ("sample", "eval"):
     config = _recorded_config(config)
   try:
@@ -164,6 +168,8 @@ def _run():
     raise UserError(str(e)) from None
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                FLAGS.distributed)
+  # The device count is known now: a batch it does not divide fails before the lock is taken.
+  config_validation.validate_config(config, num_devices=jax.device_count())
   # train/sweep hold the workdir for their lifetime; sample/eval only read checkpoints.
   writes = FLAGS.mode in ("train", "sweep")
   with locking.workdir_lock(FLAGS.workdir) if writes else contextlib.nullcontext():
@@ -187,7 +193,9 @@ def _check_workdir(workdir: str, mode: str):
   """
   from ddpm import workdir as workdir_lib
   from ddpm.errors import UserError
-  workdir_lib.check_workdir(workdir)
+  # Only the modes that write into the workdir from the start create it: import reads its
+  # weights first (a bad file must leave no workdir behind), export and sample/eval read it.
+  workdir_lib.check_workdir(workdir, create=mode in ("train", "sweep", "benchmark"))
   if mode not in ("sample", "eval") or "://" in workdir:
     return
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -219,11 +227,6 @@ def _recorded_config(config):
 
 
 def _run_mode(config):
-  from ddpm.errors import UserError
-  for mode, flag in (("import", "import_from"), ("export", "export_to")):
-    if (FLAGS.mode == mode) != bool(FLAGS[flag].value):
-      raise UserError(f"--mode={mode} needs --{flag}=PATH" if FLAGS.mode == mode else
-                      f"--{flag} is only used with --mode={mode}, not --mode={FLAGS.mode}")
   if FLAGS.mode == "train":
     from ddpm import train
     train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)

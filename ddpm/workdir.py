@@ -107,10 +107,11 @@ def makedirs(p) -> None:
 # Start-up check.
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, create: bool = True) -> None:
   """Fails with one line (UserError) if `workdir` cannot be written, before any work starts.
 
-  Local: the folder is created if missing; a path that is (or lies under) a file, or a folder
+  Local: the folder is created if missing (with `create=False`, for modes that must leave no
+  trace when their input turns out bad, its nearest existing parent must be writable); a path that is (or lies under) a file, or a folder
   that cannot be written, fails. URL: the scheme's backend must be installed, the bucket must
   exist and the credentials must allow writing (a probe object is written and deleted); no local
   folder is created. A local GCS emulator needs both STORAGE_EMULATOR_HOST and
@@ -121,12 +122,21 @@ def check_workdir(workdir: str) -> None:
   if is_url(workdir):
     _check_url(os.fspath(workdir))
   else:
-    _check_local(os.fspath(workdir))
+    _check_local(os.fspath(workdir), create)
 
 
-def _check_local(workdir: str) -> None:
+def _check_local(workdir: str, create: bool) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} is a file, not a directory")
+  if not create and not os.path.exists(workdir):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise UserError(f"workdir {workdir} is not writable: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UserError(f"workdir {workdir} is not writable: cannot create it in {parent}")
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-probe-{uuid.uuid4().hex}")

@@ -7,27 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import default
 from ddpm import input_pipeline, prefetch
-
-
-def make_config(**data):
-  config = default.get_config()
-  config.training.batch_size = data.pop("batch_size", 16)
-  for key, value in data.items():
-    config.data[key] = value
-  return config
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
-    np.testing.assert_array_equal(np.asarray(x["label"]), np.asarray(y["label"]))
+# The pipeline tests' helpers (pytest puts tests/ on sys.path).
+from test_input_pipeline import assert_batches_equal, make_config, take
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,13 @@ def test_metrics_torn_line_is_skipped_and_disabled_writer_writes_nothing(tmp_pat
   w.write(2, {"loss": 1.0})
   w.close()
   assert not other.exists()
+
+
+def test_check_without_create_leaves_no_folder_and_names_unwritable_parents(tmp_path):
+  target = tmp_path / "a" / "b"
+  workdir.check_workdir(str(target), create=False)
+  assert not (tmp_path / "a").exists()
+  f = tmp_path / "file"
+  f.write_text("x")
+  with pytest.raises(UserError, match=f"workdir {f}/run/x is not writable: {f} is a file"):
+    workdir.check_workdir(str(f / "run" / "x"), create=False)
